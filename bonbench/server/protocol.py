@@ -1,0 +1,181 @@
+"""Request and response models of the OpenAI-compatible API.
+
+OpenAI's fields come first, in OpenAI's order; the Best-of-N extensions sit in one marked block
+at the end of each model. Unknown fields are ignored, as OpenAI's own server does, so clients
+that send newer fields keep working.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Union[str, list[dict[str, Any]]]
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, content):
+        if isinstance(content, str):
+            return content
+        parts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by both endpoints."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    n: int = Field(1, ge=1)
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    user: Optional[str] = None
+    # --- Best-of-N extensions (top level or in the openai client's extra_body) ---
+    best_of: Optional[int] = Field(None, ge=1, description="candidates N to draw; the reply keeps the top n")
+    return_candidates: bool = Field(False, description="add every candidate's reward and the chosen indices")
+
+    @property
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+
+    @property
+    def token_budget(self) -> Optional[int]:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str]]
+    echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    max_tokens: Optional[int] = Field(None, ge=1)
+
+    @property
+    def token_budget(self) -> Optional[int]:
+        return self.max_tokens
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int  # every candidate's tokens: the cost of Best-of-N
+    total_tokens: int
+
+
+class CandidateInfo(BaseModel):
+    index: int
+    reward: Optional[float]
+    num_tokens: int
+    finish_reason: str
+    logprob: Optional[float]
+    text: str
+
+
+class BestOfNInfo(BaseModel):
+    """The ``bon`` extension: what selection saw, in draw order."""
+
+    best_of: int
+    reward_model: Optional[str]
+    chosen: list[int]  # candidate indices of the returned choices, best first
+    candidates: list[CandidateInfo]
+
+
+class ChatLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+    top_logprobs: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[ChatChoiceLogprobs] = None
+    finish_reason: str
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    # --- Best-of-N extension ---
+    bon: Optional[BestOfNInfo] = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: Optional[list[dict[str, float]]] = None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: str
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    # --- Best-of-N extension ---
+    bon: Optional[list[BestOfNInfo]] = None  # one per prompt
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "bonbench"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,282 @@
+"""Best-of-N as a service: request -> N candidates -> rewards -> the top n, as OpenAI replies.
+
+No web framework here: the app hands in validated request models and gets response models (or
+stream chunks) back; every failure is a typed ``APIError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from bonbench.backends.base import Backend, Generation, Prompt, PromptTooLong, SamplingParams, UpstreamError
+from bonbench.bon import bon_select
+from bonbench.rewards.base import RewardError, RewardModel, checked_scores
+from bonbench.server import protocol as P
+from bonbench.server.errors import (
+    GenerationFailed,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    RewardFailed,
+    UpstreamFailed,
+)
+from bonbench.server.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class Limits:
+    default_best_of: int = 8
+    max_best_of: int = 64
+    default_max_tokens: int = 128
+    max_tokens: int = 1024
+    max_prompt_tokens: int = 4096
+    max_in_flight: int = 256  # requests accepted at once (running or queued); more get a 503
+
+
+@dataclass
+class Selection:
+    """One prompt's Best-of-N: every candidate in draw order, its reward, and the chosen indices."""
+
+    generation: Generation
+    rewards: list[float] | None
+    chosen: list[int]
+
+    def info(self, best_of: int, reward_name: str | None) -> P.BestOfNInfo:
+        return P.BestOfNInfo(
+            best_of=best_of,
+            reward_model=reward_name,
+            chosen=self.chosen,
+            candidates=[
+                P.CandidateInfo(
+                    index=i,
+                    reward=None if self.rewards is None else self.rewards[i],
+                    num_tokens=c.num_tokens,
+                    finish_reason=c.finish_reason,
+                    logprob=c.logprob,
+                    text=c.text,
+                )
+                for i, c in enumerate(self.generation.candidates)
+            ],
+        )
+
+
+class BestOfNService:
+    def __init__(self, backend: Backend, reward: RewardModel | None, model_name: str,
+                 limits: Limits = Limits(), metrics: Metrics | None = None):
+        self.backend = backend
+        self.reward = reward
+        self.model_name = model_name
+        self.limits = limits
+        self.metrics = metrics or Metrics()
+        self._in_flight = 0
+        # One thread scores: reward models are not re-entrant and the CPU has few cores.
+        self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bonbench-reward")
+
+    # -- validation: every check runs before any model work ------------------------------------
+
+    def _params(self, req: P.ChatCompletionRequest | P.CompletionRequest) -> SamplingParams:
+        if req.model != self.model_name:
+            raise ModelNotFound(f"The model '{req.model}' does not exist; this server serves "
+                                f"'{self.model_name}'", param="model", code="model_not_found")
+        lim = self.limits
+        if req.best_of is None:
+            best_of = req.n if self.reward is None else max(lim.default_best_of, req.n)
+        else:
+            best_of = req.best_of
+        if best_of < req.n:
+            raise InvalidRequest(f"best_of ({best_of}) must be at least n ({req.n})", param="best_of")
+        if best_of > lim.max_best_of:
+            raise InvalidRequest(f"best_of is {best_of}; this server allows at most {lim.max_best_of}",
+                                 param="best_of" if req.best_of else "n")
+        if self.reward is None and best_of > req.n:
+            raise InvalidRequest("best_of > n needs a reward model; this server was started with "
+                                 "--reward-model none", param="best_of")
+        max_tokens = req.token_budget or lim.default_max_tokens
+        if max_tokens > lim.max_tokens:
+            raise InvalidRequest(f"max_tokens is {max_tokens}; this server allows at most {lim.max_tokens}",
+                                 param="max_tokens")
+        return SamplingParams(n=best_of, max_tokens=max_tokens, temperature=req.temperature,
+                              top_p=req.top_p, stop=req.stop_list, seed=req.seed,
+                              logprobs=bool(req.logprobs))
+
+    def _check_prompt(self, prompt: Prompt, params: SamplingParams) -> None:
+        try:
+            tokens = self.backend.count_prompt_tokens(prompt)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        if tokens is None:
+            return
+        param = "prompt" if isinstance(prompt, str) else "messages"
+        if tokens > self.limits.max_prompt_tokens:
+            raise InvalidRequest(f"the prompt has {tokens} tokens; this server allows at most "
+                                 f"{self.limits.max_prompt_tokens}", param=param, code="context_length_exceeded")
+        context = self.backend.max_context
+        if context is not None and tokens + params.max_tokens > context:
+            raise InvalidRequest(f"the prompt has {tokens} tokens and max_tokens is {params.max_tokens}: "
+                                 f"more than the model's context of {context} tokens",
+                                 param=param, code="context_length_exceeded")
+
+    # -- the Best-of-N step ------------------------------------------------------------------
+
+    async def best_of_n(self, prompt: Prompt, params: SamplingParams, n: int) -> Selection:
+        started = time.perf_counter()
+        try:
+            generation = await self.backend.generate(prompt, params)
+        except PromptTooLong as exc:
+            raise InvalidRequest(str(exc), code="context_length_exceeded") from exc
+        except UpstreamError as exc:
+            if exc.status is not None and 400 <= exc.status < 500:
+                raise InvalidRequest(f"the upstream server refused the request: {exc}") from exc
+            raise UpstreamFailed(f"the upstream server failed: {exc}") from exc
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise GenerationFailed(f"generation failed: {exc}") from exc
+        generated = time.perf_counter()
+        self.metrics.observe_generation(generation, generated - started)
+        if self.reward is None:
+            return Selection(generation, None, list(range(n)))
+        texts = [c.text for c in generation.candidates]
+        loop = asyncio.get_running_loop()
+        try:
+            rewards = await loop.run_in_executor(
+                self._reward_pool, checked_scores, self.reward, [prompt] * len(texts), texts)
+        except RewardError as exc:
+            raise RewardFailed(str(exc)) from exc
+        self.metrics.reward_seconds.inc(time.perf_counter() - generated)
+        return Selection(generation, rewards, [int(i) for i in bon_select(rewards, n)])
+
+    async def _admit(self, prompts: list[Prompt], params: SamplingParams, n: int) -> list[Selection]:
+        for prompt in prompts:
+            self._check_prompt(prompt, params)
+        if self._in_flight >= self.limits.max_in_flight:
+            self.metrics.rejected.inc()
+            raise Overloaded(f"the server is busy with {self._in_flight} requests; retry later")
+        self._in_flight += 1
+        self.metrics.in_flight.set(self._in_flight)
+        try:
+            return list(await asyncio.gather(*(self.best_of_n(p, params, n) for p in prompts)))
+        except asyncio.CancelledError:
+            self.metrics.cancelled.inc()
+            raise
+        finally:
+            self._in_flight -= 1
+            self.metrics.in_flight.set(self._in_flight)
+
+    # -- endpoints --------------------------------------------------------------------------
+
+    async def chat(self, req: P.ChatCompletionRequest) -> P.ChatCompletionResponse:
+        params = self._params(req)
+        prompt = [{"role": m.role, "content": m.content} for m in req.messages]
+        (sel,) = await self._admit([prompt], params, req.n)
+        cands = sel.generation.candidates
+        choices = [
+            P.ChatChoice(
+                index=k,
+                message=P.AssistantMessage(content=cands[i].text),
+                logprobs=_chat_logprobs(cands[i]) if req.logprobs else None,
+                finish_reason=cands[i].finish_reason,
+            )
+            for k, i in enumerate(sel.chosen)
+        ]
+        return P.ChatCompletionResponse(
+            model=self.model_name, choices=choices, usage=_usage([sel]),
+            bon=sel.info(params.n, self._reward_name) if req.return_candidates else None,
+        )
+
+    async def complete(self, req: P.CompletionRequest) -> P.CompletionResponse:
+        params = self._params(req)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        if not prompts:
+            raise InvalidRequest("prompt must not be empty", param="prompt")
+        selections = await self._admit(prompts, params, req.n)
+        choices = []
+        for p, (prompt, sel) in enumerate(zip(prompts, selections)):
+            for k, i in enumerate(sel.chosen):
+                c = sel.generation.candidates[i]
+                text = prompt + c.text if req.echo else c.text
+                choices.append(P.CompletionChoice(
+                    index=p * req.n + k, text=text, finish_reason=c.finish_reason,
+                    logprobs=_completion_logprobs(c) if req.logprobs is not None else None,
+                ))
+        return P.CompletionResponse(
+            model=self.model_name, choices=choices, usage=_usage(selections),
+            bon=[s.info(params.n, self._reward_name) for s in selections] if req.return_candidates else None,
+        )
+
+    async def stream_chat(self, req: P.ChatCompletionRequest) -> AsyncIterator[dict]:
+        """Chunks of a streamed chat reply: selection first, then the chosen answers' text."""
+        response = await self.chat(req)
+        base = {"id": response.id, "object": "chat.completion.chunk", "created": response.created,
+                "model": response.model}
+        for choice in response.choices:
+            yield {**base, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None}]}
+            for piece in _pieces(choice.message.content):
+                yield {**base, "choices": [{"index": choice.index, "delta": {"content": piece},
+                                            "finish_reason": None}]}
+            yield {**base, "choices": [{"index": choice.index, "delta": {},
+                                        "finish_reason": choice.finish_reason}]}
+        if req.stream_options and req.stream_options.include_usage:
+            yield {**base, "choices": [], "usage": response.usage.model_dump()}
+        if response.bon is not None:
+            yield {**base, "choices": [], "bon": response.bon.model_dump()}
+
+    async def stream_completion(self, req: P.CompletionRequest) -> AsyncIterator[dict]:
+        response = await self.complete(req)
+        base = {"id": response.id, "object": "text_completion", "created": response.created,
+                "model": response.model}
+        for choice in response.choices:
+            for piece in _pieces(choice.text):
+                yield {**base, "choices": [{"index": choice.index, "text": piece, "logprobs": None,
+                                            "finish_reason": None}]}
+            yield {**base, "choices": [{"index": choice.index, "text": "", "logprobs": None,
+                                        "finish_reason": choice.finish_reason}]}
+        if req.stream_options and req.stream_options.include_usage:
+            yield {**base, "choices": [], "usage": response.usage.model_dump()}
+
+    @property
+    def _reward_name(self) -> str | None:
+        return None if self.reward is None else self.reward.name
+
+    async def close(self) -> None:
+        self._reward_pool.shutdown(wait=False, cancel_futures=True)
+        await self.backend.close()
+
+
+def _usage(selections: list[Selection]) -> P.Usage:
+    prompt = sum(s.generation.prompt_tokens for s in selections)
+    completion = sum(s.generation.completion_tokens for s in selections)
+    return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _pieces(text: str, size: int = 16) -> list[str]:
+    """The chosen text in small pieces, cut at word boundaries where possible."""
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        space = text.rfind(" ", start + 1, end + 1) if end < len(text) else -1
+        end = space if space > start else end
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def _chat_logprobs(c) -> P.ChatChoiceLogprobs:
+    return P.ChatChoiceLogprobs(content=[
+        P.ChatLogprob(token=t, logprob=lp, bytes=list(t.encode("utf-8")))
+        for t, lp in zip(c.tokens, c.token_logprobs)
+    ])
+
+
+def _completion_logprobs(c) -> P.CompletionLogprobs:
+    offsets, pos = [], 0
+    for t in c.tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return P.CompletionLogprobs(tokens=list(c.tokens), token_logprobs=list(c.token_logprobs),
+                                top_logprobs=None, text_offset=offsets)
