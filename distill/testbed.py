@@ -313,8 +313,8 @@ def _loss(bed: TestBed, cfg: TrainConfig, sample, log_probs, anchor_log_probs):
         return jbond_loss(
             log_probs[ys],
             anchor_log_probs[ys],
-            bed.order_keys[ys],
-            bed.order_keys[anchors],
+            bed.rewards[ys],
+            bed.rewards[anchors],
             log_probs[anchors],
             beta=cfg.beta,
             gamma=cfg.gamma,

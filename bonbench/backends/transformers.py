@@ -40,14 +40,29 @@ class _Job:
 
 
 def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu"):
-    """Load a model and its tokenizer from a Hugging Face id or folder, ready for sampling."""
+    """Load a model and its tokenizer from a Hugging Face id or folder, ready for sampling.
+
+    A folder holding a PEFT LoRA adapter (``adapter_config.json``, as ``distill`` saves) is loaded
+    onto its base model and merged, so a distilled policy serves and measures like any model.
+    """
+    import json
+    from pathlib import Path
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bonbench.models import pick_dtype
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, device)).to(device)
-    model.eval()
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.exists():
+        from peft import PeftModel
+
+        base = json.loads(adapter.read_text())["base_model_name_or_path"]
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=pick_dtype(dtype, device))
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, device))
+    model.to(device).eval()
     return model, tokenizer
 
 

@@ -1,0 +1,69 @@
+"""BoNBoN (Gui et al. 2024; MATH.md §5): fine-tune on the best of n reference samples while holding
+the log-ratio gap between the best and the worst at the value true Best-of-n has.
+
+    python -m distill.bonbon --n 8 --alpha 0.5
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bonbench.config import field, parse_config
+from distill.config import TrainConfig
+from distill.loop import Batch, Context, train
+from distill.losses import LossOutput, bonbon_loss, strict_ranks
+
+
+@dataclass
+class BonBonConfig(TrainConfig):
+    n: int = field(8, "reference samples per prompt; the best and the worst are used")
+    alpha: float = field(0.5, "weight of the SFT term; 1 - alpha on the log-ratio gap term")
+    out: str = field("runs/bonbon", "run folder")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n < 2 or not 0 <= self.alpha <= 1:
+            raise ValueError("BoNBoN needs n >= 2 and 0 <= alpha <= 1")
+
+
+class BonBon:
+    name = "bonbon"
+    needs_anchor = False
+
+    def __init__(self, cfg: BonBonConfig):
+        self.cfg = cfg
+
+    def loss(self, ctx: Context, batch: Batch, seed: int) -> LossOutput:
+        p, n = len(batch.ids), self.cfg.n
+        refs = ctx.sample("ref", batch, n, seed)
+        rewards = ctx.score([m for m in batch.messages for _ in range(n)],
+                            [c.text for row in refs for c in row]).view(p, n)
+        ranks = strict_ranks(rewards)
+        # The loss reads only the best and the worst sample of each prompt: score those two.
+        best, worst = (ranks == n - 1).long().argmax(1), (ranks == 0).long().argmax(1)
+        picks = [(i, int(j)) for i in range(p) for j in (best[i], worst[i])]
+        ids = [batch.ids[i] for i, _ in picks]
+        answers = [refs[i][j].token_ids for i, j in picks]
+        index = (torch.tensor([i for i, _ in picks]), torch.tensor([j for _, j in picks]))
+        policy_lp = ctx.policies.logprobs("policy", ids, answers, grad=True)
+        ref_lp = ctx.policies.logprobs("ref", ids, answers)
+        full_policy = torch.zeros(p, n, dtype=policy_lp.dtype).index_put(index, policy_lp)
+        full_ref = torch.zeros(p, n, dtype=policy_lp.dtype).index_put(index, ref_lp.to(policy_lp.dtype))
+        return bonbon_loss(full_policy, full_ref, rewards.to(policy_lp.dtype), alpha=self.cfg.alpha)
+
+    def after_step(self, ctx: Context, step: int) -> None:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = parse_config(BonBonConfig, argv, prog="python -m distill.bonbon", description=__doc__.split("\n\n")[0])
+    train(cfg, BonBon(cfg))
+
+
+if __name__ == "__main__":
+    main()

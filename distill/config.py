@@ -1,0 +1,55 @@
+"""The options every method shares. Each recipe subclasses ``TrainConfig`` with its own fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bonbench.config import field
+
+
+@dataclass
+class TrainConfig:
+    # -- models -------------------------------------------------------------------------------
+    model: str = field("default", "reference policy: 'default' (embedded SmolLM2-135M-Instruct), hub id or folder")
+    reward_model: str = field("default", "reward: 'default', a HF reward model, 'module:function' or 'judge'")
+    lora: bool = field(True, "train LoRA adapters (policy and anchor share the base); false: full fine-tuning")
+    lora_r: int = field(16, "LoRA rank")
+    lora_alpha: int = field(32, "LoRA alpha")
+    lora_targets: list[str] = field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                    "modules that get LoRA adapters")
+    dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16")
+    device: str = field("auto", "auto (cuda if available, else cpu), cpu or cuda")
+    # -- data ---------------------------------------------------------------------------------
+    task: str = field("default", "prompt set: 'default' (shipped news passages), 'xsum', or a dataset with XSum's columns")
+    train_limit: int = field(0, "use only the first N training prompts (0: all)")
+    eval_split: str = field("test", "split for periodic evaluation")
+    eval_prompts: int = field(16, "held-out prompts per evaluation (0: no evaluation)")
+    eval_k: int = field(8, "reference samples per evaluation prompt (for quantiles and win rate)")
+    # -- optimisation -------------------------------------------------------------------------
+    steps: int = field(40, "optimiser steps")
+    batch_prompts: int = field(8, "prompts per optimiser step (split over grad_accum micro-batches)")
+    grad_accum: int = field(1, "micro-batches per optimiser step")
+    lr: float = field(3e-4, "Adam learning rate (LoRA: ~1e-4..5e-4; full fine-tuning: ~1e-6..1e-5)")
+    warmup_steps: int = field(4, "linear learning-rate warm-up")
+    max_grad_norm: float = field(1.0, "gradient clipping (0: off)")
+    max_tokens: int = field(40, "tokens per sampled answer")
+    temperature: float = field(1.0, "sampling temperature (1: samples from pi itself, as the losses assume)")
+    seed: int = field(0, "seed for data order, sampling and initialisation")
+    # -- bookkeeping --------------------------------------------------------------------------
+    out: str = field("runs/distill", "run folder: checkpoints, metrics.jsonl, TensorBoard events, eval")
+    eval_every: int = field(20, "evaluate every N steps (and at the start and the end)")
+    save_every: int = field(10, "checkpoint every N steps (and at the end)")
+    resume: bool = field(True, "continue from the run folder's checkpoint if there is one")
+    threads: int = field(0, "torch CPU threads (0: torch's default)")
+
+    def __post_init__(self) -> None:
+        if self.batch_prompts % self.grad_accum:
+            raise ValueError(f"batch_prompts ({self.batch_prompts}) must be a multiple of grad_accum ({self.grad_accum})")
+        if self.steps < 1 or self.batch_prompts < 1:
+            raise ValueError("steps and batch_prompts must be >= 1")
+        if self.temperature != 1.0:
+            raise ValueError("the BOND losses assume samples from pi itself: keep temperature 1")
+        if self.eval_prompts and self.eval_k < 2:
+            raise ValueError("eval_k must be >= 2 (quantiles and win rates need reference samples)")
+        if self.lr <= 0:
+            raise ValueError("lr must be > 0")

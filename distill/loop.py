@@ -1,0 +1,256 @@
+"""The one training loop every recipe runs on.
+
+A recipe says how to turn a batch of prompts into a ``LossOutput`` (its rollout and its loss) and
+what to do after each optimiser step (anchor updates). The loop owns the rest: data order,
+gradient accumulation, clipping, learning-rate warm-up, evaluation, metrics (JSONL, TensorBoard,
+the progress bar), atomic checkpoints and resume. Resuming continues the same run: the data order
+and every sampling seed are functions of (seed, step), so a resumed run repeats an uninterrupted
+one's metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from bonbench.backends.base import Prompt
+from bonbench.rewards.base import RewardModel, checked_scores
+from distill.config import TrainConfig
+from distill.losses import LossOutput
+from distill.policy import Policies
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a config that contradicts the checkpoint)."""
+
+
+@dataclass
+class Batch:
+    ids: list[list[int]]  # prompt token ids, chat template applied
+    messages: list[Prompt]  # the same prompts as the reward model reads them
+
+
+class Recipe(Protocol):
+    name: str
+    needs_anchor: bool
+
+    def loss(self, ctx: "Context", batch: Batch, seed: int) -> LossOutput:
+        """Sample, score and return the loss of one micro-batch (grad attached)."""
+        ...
+
+    def after_step(self, ctx: "Context", step: int) -> None:
+        """Called after optimiser step ``step`` (1-based): anchor updates go here."""
+        ...
+
+
+@dataclass
+class Context:
+    cfg: TrainConfig
+    policies: Policies
+    reward: RewardModel
+    timings: dict[str, float]
+
+    def score(self, prompts: Sequence[Prompt], texts: Sequence[str]) -> torch.Tensor:
+        started = time.perf_counter()
+        scores = checked_scores(self.reward, list(prompts), list(texts))
+        self.timings["reward_s"] = self.timings.get("reward_s", 0.0) + time.perf_counter() - started
+        return torch.tensor(scores, dtype=torch.float64)
+
+    def sample(self, role, batch: Batch, n: int, seed: int):
+        started = time.perf_counter()
+        out = self.policies.sample(role, batch.ids, n, self.cfg.max_tokens, seed)
+        self.timings["sample_s"] = self.timings.get("sample_s", 0.0) + time.perf_counter() - started
+        return out
+
+
+# -- set-up ------------------------------------------------------------------------------------
+
+
+def _device(cfg: TrainConfig) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def build_context(cfg: TrainConfig, recipe: Recipe) -> Context:
+    from bonbench.backends.transformers import load_causal_lm
+    from bonbench.models import resolve_policy
+    from bonbench.rewards import load_reward
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)  # LoRA initialisation
+    device = _device(cfg)
+    model, tokenizer = load_causal_lm(resolve_policy(cfg.model), cfg.dtype, device)
+    policies = Policies(model, tokenizer, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                        lora_targets=cfg.lora_targets, with_anchor=recipe.needs_anchor)
+    reward = load_reward(cfg.reward_model, device=device)
+    if reward is None:
+        raise ValueError("distillation needs a reward model; --reward-model none is for serving")
+    return Context(cfg, policies, reward, {})
+
+
+def load_prompts(cfg: TrainConfig, tokenizer, split: str, limit: int = 0) -> Batch:
+    from bonbench.backends.transformers import encode_prompt
+    from bonbench.tasks import load_task, summary_prompt
+
+    rows = load_task(cfg.task, split, limit or None)
+    messages = [summary_prompt(doc) for doc in rows["document"]]
+    return Batch(ids=[encode_prompt(tokenizer, m) for m in messages], messages=messages)
+
+
+def step_indices(num_prompts: int, batch: int, step: int, seed: int) -> list[int]:
+    """The prompts of (0-based) step ``step``: epochs of seeded permutations, laid end to end."""
+    out, position = [], step * batch
+    while len(out) < batch:
+        epoch, offset = divmod(position, num_prompts)
+        order = np.random.default_rng([seed, epoch]).permutation(num_prompts)
+        take = min(batch - len(out), num_prompts - offset)
+        out.extend(int(i) for i in order[offset : offset + take])
+        position += take
+    return out
+
+
+def _subset(batch: Batch, indices: Sequence[int]) -> Batch:
+    return Batch([batch.ids[i] for i in indices], [batch.messages[i] for i in indices])
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def save_checkpoint(out: Path, step: int, ctx: Context, optimizer, scheduler) -> None:
+    """Write ``out/checkpoint`` atomically: a crash mid-write leaves the previous one intact."""
+    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"step": step, "weights": ctx.policies.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "config": asdict(ctx.cfg)}, tmp / "state.pt")
+    old = out / "checkpoint.old"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out: Path, ctx: Context, optimizer, scheduler) -> int:
+    """Restore the run in ``out``; returns the number of steps already done (0 if none)."""
+    path = out / "checkpoint" / "state.pt"
+    if not path.exists():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    ctx.policies.load_state_dict(state["weights"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """metrics.jsonl (one line per step or evaluation) plus TensorBoard events."""
+
+    def __init__(self, out: Path, resume_step: int):
+        self.path = out / "metrics.jsonl"
+        if self.path.exists():  # drop what came after the checkpoint: the resumed run redoes it
+            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            self.path.write_text("".join(k + "\n" for k in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1)
+        except ImportError:  # tensorboard is a dependency; tolerate its absence in odd installs
+            self.tb = None
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, recipe: Recipe, ctx: Context | None = None) -> Path:
+    """Run (or resume) a training run; returns the run folder."""
+    from tqdm.auto import tqdm
+
+    from distill.evaluate import Evaluator
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = ctx or build_context(cfg, recipe)
+    (out / "config.json").write_text(json.dumps({"method": recipe.name, **asdict(cfg)}, indent=2))
+    train_set = load_prompts(cfg, ctx.policies.tokenizer, "train", cfg.train_limit)
+    evaluator = Evaluator(ctx, load_prompts(cfg, ctx.policies.tokenizer, cfg.eval_split, cfg.eval_prompts), out) \
+        if cfg.eval_prompts else None
+
+    params = ctx.policies.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    done = load_checkpoint(out, ctx, optimizer, scheduler) if cfg.resume else 0
+    if done >= cfg.steps:
+        log.info("%s already finished %d steps", out, done)
+    metrics_log = MetricsLog(out, done)
+    if done == 0 and evaluator is not None:
+        metrics_log.write(0, evaluator.run(seed=cfg.seed))
+
+    micro = cfg.batch_prompts // cfg.grad_accum
+    bar = tqdm(range(done, cfg.steps), initial=done, total=cfg.steps, desc=recipe.name, dynamic_ncols=True)
+    for step in bar:
+        started = time.perf_counter()
+        ctx.timings.clear()
+        indices = step_indices(len(train_set.ids), cfg.batch_prompts, step, cfg.seed)
+        sums: dict[str, float] = {}
+        for m in range(cfg.grad_accum):
+            batch = _subset(train_set, indices[m * micro : (m + 1) * micro])
+            result = recipe.loss(ctx, batch, seed=cfg.seed * 1_000_003 + step * cfg.grad_accum + m)
+            if not torch.isfinite(result.loss):
+                raise TrainingError(f"non-finite loss {result.loss.item()} at step {step + 1} "
+                                    f"(metrics {result.metrics}); the last checkpoint in {out} is intact")
+            t = time.perf_counter()
+            (result.loss / cfg.grad_accum).backward()
+            ctx.timings["backward_s"] = ctx.timings.get("backward_s", 0.0) + time.perf_counter() - t
+            for k, v in result.metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        if not torch.isfinite(grad_norm):
+            raise TrainingError(f"non-finite gradient at step {step + 1}; the last checkpoint in {out} is intact")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        recipe.after_step(ctx, step + 1)
+        row = {**sums, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+               "step_s": time.perf_counter() - started, **ctx.timings}
+        metrics_log.write(step + 1, row)
+        bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "reward_mean", "kl_ref_estimate", "kl_anchor_estimate")
+                         if k in row})
+        last = step + 1 == cfg.steps
+        if evaluator is not None and ((step + 1) % cfg.eval_every == 0 or last):
+            metrics_log.write(step + 1, evaluator.run(seed=cfg.seed))
+        if (step + 1) % cfg.save_every == 0 or last:
+            save_checkpoint(out, step + 1, ctx, optimizer, scheduler)
+    bar.close()
+    metrics_log.close()
+    ctx.policies.save_policy(out / "policy")
+    log.info("policy saved in %s", out / "policy")
+    return out
