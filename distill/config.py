@@ -17,6 +17,8 @@ class TrainConfig:
     lora_alpha: int = field(32, "LoRA alpha")
     lora_targets: list[str] = field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                     "modules that get LoRA adapters")
+    lora_top_layers: int = field(8, "LoRA on the top L transformer layers only (0: all). Exact, and cheap: "
+                                    "the frozen layers below build no autograd graph")
     dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16")
     device: str = field("auto", "auto (cuda if available, else cpu), cpu or cuda")
     # -- data ---------------------------------------------------------------------------------

@@ -95,7 +95,8 @@ def build_context(cfg: TrainConfig, recipe: Recipe) -> Context:
     device = _device(cfg)
     model, tokenizer = load_causal_lm(resolve_policy(cfg.model), cfg.dtype, device)
     policies = Policies(model, tokenizer, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                        lora_targets=cfg.lora_targets, with_anchor=recipe.needs_anchor)
+                        lora_targets=cfg.lora_targets, lora_top_layers=cfg.lora_top_layers,
+                        with_anchor=recipe.needs_anchor)
     reward = load_reward(cfg.reward_model, device=device)
     if reward is None:
         raise ValueError("distillation needs a reward model; --reward-model none is for serving")

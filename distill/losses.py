@@ -121,6 +121,21 @@ def _policy_gradient(policy_logprobs: Tensor, advantages: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- J-BOND
 
 
+def jbond_reward(rewards: Tensor, anchor_rewards: Tensor) -> Tensor:
+    """The J-BOND reward r_J (MATH.md §4 step 3; BOND paper Eq. 17).
+
+    Args:
+        rewards: ``(P,)`` r(y) of the policy samples.
+        anchor_rewards: ``(P, 2)`` rewards of the two anchor samples of each prompt.
+
+    Returns:
+        ``(P,)`` float64: ``-log 16`` where r(y) < min(r(y'_1), r(y'_2)), else 0. Over the anchor
+        samples its mean is ``-log 16 · (1 - p≤(y))²``, p≤ the anchor's quantile, ties as ≤.
+    """
+    worse_than_both = rewards < anchor_rewards.min(dim=1).values
+    return -JBOND_PENALTY * worse_than_both.to(torch.float64)
+
+
 def jbond_loss(
     policy_logprobs: Tensor,
     anchor_logprobs: Tensor,
@@ -177,8 +192,7 @@ def jbond_loss(
     forward = -best_logprobs.mean()
 
     # Step 3, backward KL: policy gradient on r_J with the anchor as KL reference.
-    worse_than_both = rewards < anchor_rewards.min(dim=1).values
-    r_j = -JBOND_PENALTY * worse_than_both.to(policy_logprobs.dtype)
+    r_j = jbond_reward(rewards, anchor_rewards).to(policy_logprobs.dtype)
     log_ratio = policy_logprobs.detach() - anchor_logprobs.detach()
     returns = r_j - log_ratio
     if use_baseline:
@@ -199,7 +213,7 @@ def jbond_loss(
         "backward": backward.item(),
         "regulariser": regulariser.item(),
         "return_mean": returns.mean().item(),
-        "penalised_fraction": worse_than_both.double().mean().item(),
+        "penalised_fraction": (r_j < 0).double().mean().item(),
         "kl_anchor_estimate": log_ratio.mean().item(),
         "reward_mean": rewards.double().mean().item(),
     }

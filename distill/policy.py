@@ -24,7 +24,7 @@ Role = Literal["policy", "anchor", "ref"]
 
 class Policies:
     def __init__(self, model, tokenizer, *, lora: bool, lora_r: int = 16, lora_alpha: int = 32,
-                 lora_targets: list[str] | None = None, with_anchor: bool = True):
+                 lora_targets: list[str] | None = None, lora_top_layers: int = 0, with_anchor: bool = True):
         self.tokenizer = tokenizer
         self.lora = lora
         self.with_anchor = with_anchor
@@ -32,8 +32,10 @@ class Policies:
         if lora:
             from peft import LoraConfig, get_peft_model
 
+            depth = model.config.num_hidden_layers
+            layers = list(range(depth - lora_top_layers, depth)) if 0 < lora_top_layers < depth else None
             config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=lora_targets,
-                                task_type="CAUSAL_LM")
+                                layers_to_transform=layers, task_type="CAUSAL_LM")
             self.model = get_peft_model(model, config, adapter_name="policy")
             if with_anchor:
                 self.model.add_adapter("anchor", config)

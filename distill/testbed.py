@@ -188,6 +188,28 @@ class TestBed:
         probs = bon_probabilities(base / base.sum(), self.rewards.numpy(), n)
         return torch.from_numpy(np.log(np.maximum(probs, 1e-300)))
 
+    def mc_backward_target(self, n: int, k: int = 16) -> torch.Tensor:
+        """``(M,)`` log of the fixed point of the backward term with smoothed MC quantiles.
+
+        q ∝ π_ref · exp((n - 1) · E[log p̂≤]),  p̂≤ = (c + 1)/(k + 1),  c ~ Binomial(k, p≤(y))
+        (MATH.md §2): where vBoN converges with k reference samples, a little off π_BoN.
+        """
+        from scipy.stats import binom
+
+        counts = np.arange(k + 1)
+        p_leq = np.exp(self.log_p_leq.numpy())
+        pmf = binom.pmf(counts[None, :], k, p_leq[:, None])  # (M, k + 1)
+        expected_log = pmf @ np.log((counts + 1.0) / (k + 1.0))
+        logits = self.ref_log_probs + (n - 1) * torch.from_numpy(expected_log)
+        return torch.log_softmax(logits, dim=0)
+
+    def tilted_log_probs(self, beta_rl: float) -> torch.Tensor:
+        """``(M,)`` log of π_ref · exp(r / beta_rl) / Z, the maximiser of E_π[r] - beta_rl · KL(π || π_ref).
+
+        Over all distributions it traces the exact reward/KL Pareto front as beta_rl varies.
+        """
+        return torch.log_softmax(self.ref_log_probs + self.rewards / beta_rl, dim=0)
+
     def evaluate(self, log_probs: torch.Tensor, n: int | None = None) -> dict[str, float]:
         """Exact statistics of a policy given its ``(M,)`` log-probabilities.
 
@@ -215,7 +237,7 @@ def make_testbed(
     *,
     vocab: int = 4,
     length: int = 4,
-    hidden: int = 8,
+    hidden: int = 2,
     init_scale: float = 2.0,
     seed: int = 0,
 ) -> TestBed:
@@ -229,6 +251,20 @@ def make_testbed(
     else:
         raise ValueError(f"policy must be 'mlp' or 'tabular', got {policy!r}")
     return TestBed(space, structured_reward(space), ref)
+
+
+def front_gap(kl_ref, reward, front_kl, front_reward) -> np.ndarray:
+    """How far each (KL, reward) point lies above a set of competitor points.
+
+    For point i: ``reward_i - max{front_reward_j : front_kl_j <= kl_ref_i}`` (``+inf`` when no
+    competitor point has so little KL). Non-negative means no competitor point reaches at least
+    the same reward with at most the same KL.
+    """
+    kl_ref, reward = np.asarray(kl_ref, dtype=float), np.asarray(reward, dtype=float)
+    front_kl, front_reward = np.asarray(front_kl, dtype=float), np.asarray(front_reward, dtype=float)
+    reachable = front_kl[None, :] <= kl_ref[:, None]
+    best = np.where(reachable, front_reward[None, :], -np.inf).max(axis=1)
+    return reward - best
 
 
 # ----------------------------------------------------------------------------- training

@@ -1,0 +1,189 @@
+"""The training loop and the recipes on a tiny random model with the real default reward."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bonbench.config import load_yaml, parse_config
+from distill.bonbon import BonBon, BonBonConfig
+from distill.bond import Bond, BondConfig
+from distill.jbond import JBond, JBondConfig
+from distill.loop import TrainingError, build_context, step_indices, train
+from distill.rloo import Rloo, RlooConfig
+
+CONFIGS = Path(__file__).parents[2] / "distill" / "configs"
+
+
+def small(tiny_model_path, tmp_path, **kw) -> dict:
+    base = dict(model=tiny_model_path, reward_model="tests.distill.rewards:distinct_characters", steps=3, batch_prompts=2, max_tokens=8, eval_prompts=2, eval_k=2,
+                eval_every=1, save_every=1, out=str(tmp_path / "run"), lora_r=4, lora_top_layers=0)
+    return {**base, **kw}
+
+
+def trainable_snapshot(ctx) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in ctx.policies.model.named_parameters() if p.requires_grad}
+
+
+RECIPES = [
+    ("jbond", JBondConfig, JBond, {}),
+    ("bond", BondConfig, Bond, dict(n=2, k=2, samples=2)),
+    ("vbon", BondConfig, Bond, dict(n=2, k=2, samples=2, beta=1.0)),
+    ("bon-sft", BondConfig, Bond, dict(n=2, k=2, beta=0.0)),
+    ("iterative-bond", BondConfig, Bond, dict(n=2, k=2, samples=2, anchor_every=1)),
+    ("rloo", RlooConfig, Rloo, dict(samples=2)),
+    ("bonbon", BonBonConfig, BonBon, dict(n=2)),
+]
+
+
+@pytest.mark.parametrize("name,config_cls,recipe_cls,extra", RECIPES, ids=[r[0] for r in RECIPES])
+def test_every_recipe_changes_every_trainable_parameter_and_writes_its_run(
+        name, config_cls, recipe_cls, extra, tiny_model_path, tmp_path):
+    cfg = config_cls(**small(tiny_model_path, tmp_path, **extra))
+    recipe = recipe_cls(cfg)
+    assert recipe.name == name
+    ctx = build_context(cfg, recipe)
+    before = trainable_snapshot(ctx)
+    assert before, "nothing to train"
+    out = train(cfg, recipe, ctx)
+    unchanged = [n for n, p in ctx.policies.model.named_parameters()
+                 if n in before and torch.equal(before[n], p.detach())]
+    assert not unchanged, f"{name}: parameters that never moved: {unchanged[:5]}"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+    evals = [r for r in rows if "eval/win_rate" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2, 3]
+    assert (out / "checkpoint" / "state.pt").exists() and (out / "policy" / "adapter_config.json").exists()
+    assert list((out / "tensorboard").iterdir())
+
+
+def test_first_evaluation_compares_the_reference_with_itself(tiny_model_path, tmp_path):
+    cfg = JBondConfig(**small(tiny_model_path, tmp_path, steps=1, eval_prompts=3, eval_k=3))
+    out = train(cfg, JBond(cfg))
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0
+    assert abs(first["eval/kl_ref"]) < 1e-3  # policy == reference before any step
+
+
+def test_anchor_is_an_exponential_moving_average_of_the_policy(tiny_model_path, tmp_path):
+    cfg = JBondConfig(**small(tiny_model_path, tmp_path))
+    ctx = build_context(cfg, JBond(cfg))
+    pairs = list(ctx.policies._adapter_pairs())
+    with torch.no_grad():
+        for policy, _ in pairs:
+            policy.add_(torch.randn_like(policy))
+    old = [(p.clone(), a.clone()) for p, a in pairs]
+    ctx.policies.update_anchor(0.25)
+    for (p_old, a_old), (_, anchor) in zip(old, pairs):
+        torch.testing.assert_close(anchor, 0.75 * a_old + 0.25 * p_old)
+
+
+def test_full_fine_tuning_keeps_a_frozen_reference_and_an_ema_anchor(tiny_model_path, tmp_path):
+    cfg = JBondConfig(**small(tiny_model_path, tmp_path, lora=False, lr=1e-3, eval_prompts=0))
+    ctx = build_context(cfg, JBond(cfg))
+    ref_before = [p.clone() for p in ctx.policies.ref_model.parameters()]
+    anchor_before = [p.clone() for p in ctx.policies.anchor_model.parameters()]
+    policy_before = [p.clone() for p in ctx.policies.model.parameters()]
+    train(cfg, JBond(cfg), ctx)
+    assert all(torch.equal(a, b) for a, b in zip(ref_before, ctx.policies.ref_model.parameters()))
+    moved = [not torch.equal(a, b) for a, b in zip(policy_before, ctx.policies.model.parameters())]
+    assert all(moved)
+    anchor_moved = [not torch.equal(a, b) for a, b in zip(anchor_before, ctx.policies.anchor_model.parameters())]
+    assert all(anchor_moved)
+
+
+def test_lora_top_layers_puts_adapters_on_the_top_layers_only(tiny_model_path, tmp_path):
+    cfg = JBondConfig(**small(tiny_model_path, tmp_path, lora_top_layers=1))
+    ctx = build_context(cfg, JBond(cfg))
+    names = [n for n, p in ctx.policies.model.named_parameters() if p.requires_grad]
+    assert names and all(".layers.1." in n for n in names)
+
+
+def test_resumed_run_repeats_the_uninterrupted_run(tiny_model_path, tmp_path):
+    args = small(tiny_model_path, tmp_path, steps=4, eval_every=2, save_every=2)
+    whole = train(JBondConfig(**{**args, "out": str(tmp_path / "whole")}), JBond(JBondConfig(**args)))
+    first = JBondConfig(**{**args, "steps": 2, "out": str(tmp_path / "split")})
+    train(first, JBond(first))
+    second = JBondConfig(**{**args, "out": str(tmp_path / "split")})
+    split = train(second, JBond(second))
+
+    def rows(out):
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
+                for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = rows(whole), rows(split)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), (x["step"], k)
+
+
+def test_non_finite_loss_stops_loudly_and_keeps_the_checkpoint(tiny_model_path, tmp_path):
+    cfg = JBondConfig(**small(tiny_model_path, tmp_path, steps=3, eval_prompts=0))
+    recipe = JBond(cfg)
+    ctx = build_context(cfg, recipe)
+    original = recipe.loss
+
+    def poisoned(ctx, batch, seed):
+        out = original(ctx, batch, seed)
+        if seed % 1_000_003 == 1:  # the second step
+            return out._replace(loss=out.loss * float("nan"))
+        return out
+
+    recipe.loss = poisoned
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        train(cfg, recipe, ctx)
+    state = torch.load(Path(cfg.out) / "checkpoint" / "state.pt", weights_only=False)
+    assert state["step"] == 1
+
+
+def test_saved_lora_policy_loads_as_a_model_with_the_trained_log_probs(tiny_model_path, tmp_path):
+    from bonbench.backends.transformers import load_causal_lm
+    from bonbench.logprobs import sequence_logprobs
+
+    cfg = JBondConfig(**small(tiny_model_path, tmp_path, eval_prompts=0, lr=1e-2))
+    ctx = build_context(cfg, JBond(cfg))
+    out = train(cfg, JBond(cfg), ctx)
+    prompts, answers = [[1, 2, 3, 4]], [[5, 6, 7, 2]]
+    trained = ctx.policies.logprobs("policy", prompts, answers)
+    reference = ctx.policies.logprobs("ref", prompts, answers)
+    model, tokenizer = load_causal_lm(str(out / "policy"))
+    with torch.no_grad():
+        loaded = sequence_logprobs(model, tokenizer, prompts, answers)
+    torch.testing.assert_close(loaded, trained, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(loaded, reference, atol=1e-3)
+
+
+def test_step_indices_cover_each_epoch_once_in_a_seeded_order():
+    seen = [i for s in range(5) for i in step_indices(10, 4, s, seed=3)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert seen == [i for s in range(5) for i in step_indices(10, 4, s, seed=3)]
+    assert seen != [i for s in range(5) for i in step_indices(10, 4, s, seed=4)]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_builds_its_config(path):
+    cls = {"jbond": JBondConfig, "bond": BondConfig, "iterative_bond": BondConfig, "vbon": BondConfig,
+           "bon_sft": BondConfig, "rloo": RlooConfig, "bonbon": BonBonConfig}.get(path.stem)
+    if cls is None:
+        pytest.skip(f"{path.name} is not a recipe config")
+    cfg = cls(**load_yaml(cls, path))
+    assert isinstance(cfg, cls)
+
+
+def test_bad_configs_are_refused_with_a_reason(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(BondConfig, ["--n", "8", "--k", "4"])
+    assert "n <= k" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(JBondConfig, ["--batch-prompts", "6", "--grad-accum", "4"])
+    assert "multiple of grad_accum" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(JBondConfig, ["--temperature", "0.7"])
+    assert "temperature" in capsys.readouterr().err
