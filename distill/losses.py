@@ -175,8 +175,10 @@ def jbond_loss(
         (1 - beta) · KL(BoN_2(π_anchor) || π)
         + beta · [KL(π || π_anchor) + log 16 · E_π (1 - p≤(y))²]
         + gamma · KL(π || π_anchor),
-    with p≤ the anchor's quantile of r(y), ties counted as ≤; the backward bracket is, up to a
-    constant, KL(π || π_anchor · exp(E[r_J]) / Z).
+    with p≤ = P_{y'~π_anchor}[r(y') ≤ r(y)] and p< likewise; BoN_2(π_anchor)(y) =
+    π_anchor(y) · (p≤(y) + p<(y)) is the law of the kept anchor sample (equal to
+    ``bonbench.bon.bon_probabilities(.., 2)`` when no two generations share a reward). The backward
+    bracket is, up to a constant, KL(π || π_anchor · exp(E[r_J]) / Z).
     """
     (num_prompts,) = policy_logprobs.shape
     _check_shape("anchor_logprobs", anchor_logprobs, (num_prompts,))

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from bonbench.bon import bon_probabilities, log_quantile, quantiles_exact
-from distill.losses import bond_loss, bonbon_loss, jbond_loss, rloo_loss
+from distill.losses import LossOutput, bond_loss, bonbon_loss, jbond_loss, rloo_loss
 
 DTYPE = torch.float64
 METHODS = ("bond", "iterative_bond", "jbond", "rloo", "bonbon", "vbon", "bon_sft")
@@ -283,7 +283,7 @@ class TrainConfig:
     n: int = 8  # N of BOND/vBoN/BoN-SFT/BoNBoN; n of iterative BOND
     beta: float = 0.5  # Jeffreys weight of BOND and J-BOND
     policy_samples: int = 2  # per prompt, BOND/vBoN/RLOO (>= 2 for the baselines)
-    ref_samples: int = 16  # k: MC quantile samples per prompt, also the BoN-SFT pool
+    ref_samples: int = 16  # k: MC quantile samples per prompt, also the BoN-SFT pool (BoNBoN: n)
     anchor_period: int = 100  # T of iterative BOND
     eta: float = 0.02  # EMA rate of the J-BOND anchor
     gamma: float = 0.0  # J-BOND extra regulariser
@@ -298,6 +298,10 @@ class TrainConfig:
             raise ValueError(f"the forward term picks Best-of-{self.n} among {self.ref_samples} samples")
         if self.method == "rloo" and self.policy_samples < 2:
             raise ValueError("RLOO's leave-one-out baseline needs policy_samples >= 2")
+        if self.method == "jbond" and self.use_baseline and self.batch < 2:
+            raise ValueError("the J-BOND baseline averages the other prompts' returns: needs batch >= 2")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta weighs forward against backward KL, so 0 <= beta <= 1, got {self.beta}")
         if self.method == "bonbon" and self.n < 2:
             raise ValueError("BoNBoN needs n >= 2 reference samples (a best and a worst)")
 
@@ -320,7 +324,15 @@ def _mc_log_quantiles(bed: TestBed, samples: torch.Tensor, pool: torch.Tensor) -
     return torch.from_numpy(log_quantile(keys[samples.numpy()], keys[pool.numpy()], smoothing=True))
 
 
-def _bond_step(bed, cfg, sample, log_probs, base_log_probs, beta, n):
+def _bond_step(
+    bed: TestBed,
+    cfg: TrainConfig,
+    sample: _Sampler,
+    log_probs: torch.Tensor,
+    base_log_probs: torch.Tensor,
+    beta: float,
+    n: int,
+) -> LossOutput:
     """BOND-type loss with Best-of-n of ``base`` (π_ref, or the anchor for iterative BOND)."""
     pool = sample(base_log_probs, cfg.batch, cfg.ref_samples)
     kwargs = {}
@@ -336,7 +348,14 @@ def _bond_step(bed, cfg, sample, log_probs, base_log_probs, beta, n):
     return bond_loss(n=n, beta=beta, use_baseline=cfg.use_baseline, **kwargs)
 
 
-def _loss(bed: TestBed, cfg: TrainConfig, sample, log_probs, anchor_log_probs):
+def _loss(
+    bed: TestBed,
+    cfg: TrainConfig,
+    sample: _Sampler,
+    log_probs: torch.Tensor,
+    anchor_log_probs: torch.Tensor,
+) -> LossOutput:
+    """One step's loss for ``cfg.method`` from fresh exact samples; ``log_probs`` carries grad."""
     ref = bed.ref_log_probs
     if cfg.method in ("bond", "vbon", "bon_sft"):
         beta = {"bond": cfg.beta, "vbon": 1.0, "bon_sft": 0.0}[cfg.method]
@@ -372,7 +391,6 @@ def train(bed: TestBed, cfg: TrainConfig) -> dict[str, list[float]]:
     at step 0 and every ``cfg.eval_every`` steps, plus ``anchor_updates`` (iterative BOND: the
     number of hard anchor updates so far).
     """
-    torch.manual_seed(cfg.seed)
     sample = _Sampler(cfg.seed)
     policy = bed.new_policy()
     anchor = copy.deepcopy(policy).requires_grad_(False)

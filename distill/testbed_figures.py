@@ -309,6 +309,29 @@ sequence index). π_ref: a 2-hidden-unit MLP policy at random init; "tabular" = 
 per prefix. Quantile metric: exact E_π log p≤(y) with p≤ under π_ref; training uses the smoothed
 MC estimate (c+1)/(k+1) from k = 16 reference samples.
 
+## Which of the paper's claims held (at the defaults: 3 seeds, bed seed 0)
+
+The short versions are asserted by `tests/distill/test_testbed.py`.
+
+- **Figure 2, Jeffreys β = 0.5: held qualitatively, for the MLP policy.** At N = 8 it gets the
+  forward KL of BoN-SFT (1.13x) and the backward KL of vBoN (1.00x), while each specialist is
+  1.5x worse on its other divergence, and it keeps vBoN's log-quantile (β = 0 lags by 0.02 at
+  N = 8, 0.05 at N = 16). **Not held as MATH.md §7 quantifies it:** β = 0.5 only matches the
+  better specialist on backward KL (0.99-1.00x, not 0.7-0.9x) and is 1.05-1.30x on forward KL
+  (not 0.9-1.1x). At N = 4 the three barely differ. With the tabular policy the claims do not
+  separate: BoN-SFT is best on both KLs, since the backward term's target is the MC-quantile
+  fixed point, KL 0.02 off π_BoN.
+- **Figure 4, iterative BOND: held.** BOND N = 4 is flat after step 300; iterative BOND n = 2
+  keeps rising and ends each anchor phase j closest to Best-of-2^(j+1), a little behind it.
+- **Figure 7, J-BOND vs REINFORCE: held in part.** J-BOND's reward rises with a KL that grows
+  smoothly (largest rise per 10 steps 0.27 vs 1.07 for β_RL = 0.001), and beyond KL ≈ 1.5 it lies
+  0.2-0.6 above every REINFORCE point. **Not held** between KL 0.7 and 1.12: REINFORCE with
+  β_RL = 1 converges to π_ref·e^r/Z, the exact reward/KL optimum, and beats J-BOND there by
+  0.13-0.26 reward. No method can beat a converged KL-regularised RL run on the axis it optimises;
+  J-BOND follows quantile (Best-of-2) tilts, which lie below that front for this reward.
+- **Figure 6 (γ, η): mixed.** γ = 1 improves the trade-off a little (0.235 vs 0.269 mean reward
+  below the exact optimum), a slower anchor η = 0.005 does not (0.314).
+
 ## Figure 2: Jeffreys divergence (`fig2_jeffreys_mlp.png`, `fig2_jeffreys_tabular.png`)
 
 1000 steps, batch 32, 2 policy samples + 16 reference samples per prompt, Adam lr 0.02.
