@@ -15,6 +15,11 @@ gradients (the other's gradient is zero in the loss anyway).
     python -m distill.jbond                                      # CPU, embedded default, ~15 min
     python -m distill.jbond --model Qwen/Qwen2.5-0.5B-Instruct --device cuda --batch-prompts 64
     accelerate launch --config_file distill/configs/accelerate_ddp.yaml -m distill.jbond --config distill/configs/jbond.yaml
+    torchrun --nproc_per_node 2 -m distill.jbond --device cpu      # DDP over gloo, no GPU needed
+
+Under several processes each takes its share of a step's prompts (``batch_prompts`` is the global
+batch), the leave-one-out baseline averages within a process's share, and the main process alone
+evaluates, logs and checkpoints.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ one's metrics.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -61,6 +62,7 @@ class Context:
     policies: Policies
     reward: RewardModel
     timings: dict[str, float]
+    accelerator: "Accelerator"  # noqa: F821  (accelerate's; one process unless launched with several)
 
     def score(self, prompts: Sequence[Prompt], texts: Sequence[str]) -> torch.Tensor:
         started = time.perf_counter()
@@ -78,29 +80,33 @@ class Context:
 # -- set-up ------------------------------------------------------------------------------------
 
 
-def _device(cfg: TrainConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
-
-
 def build_context(cfg: TrainConfig, recipe: Recipe) -> Context:
+    """Models, reward and (under ``accelerate launch``) the process group."""
+    from accelerate import Accelerator
+
     from bonbench.backends.transformers import load_causal_lm
     from bonbench.models import resolve_policy
     from bonbench.rewards import load_reward
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)  # LoRA initialisation
-    device = _device(cfg)
+    # Without CUDA the process group must be told it is CPU-only (gloo), or each process trains alone.
+    accelerator = Accelerator(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    micro = cfg.batch_prompts // cfg.grad_accum
+    if micro % accelerator.num_processes:
+        raise ValueError(f"a micro-batch of {micro} prompts does not split over {accelerator.num_processes} processes")
+    log.info("training on %d process(es), device %s", accelerator.num_processes, accelerator.device)
+    torch.manual_seed(cfg.seed)  # LoRA initialisation, the same in every process
+    device = str(accelerator.device) if cfg.device == "auto" else cfg.device
     model, tokenizer = load_causal_lm(resolve_policy(cfg.model), cfg.dtype, device)
     policies = Policies(model, tokenizer, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                         lora_targets=cfg.lora_targets, lora_top_layers=cfg.lora_top_layers,
                         with_anchor=recipe.needs_anchor)
+    policies.prepare(accelerator)
     reward = load_reward(cfg.reward_model, device=device)
     if reward is None:
         raise ValueError("distillation needs a reward model; --reward-model none is for serving")
-    return Context(cfg, policies, reward, {})
+    return Context(cfg, policies, reward, {}, accelerator)
 
 
 def load_prompts(cfg: TrainConfig, tokenizer, split: str, limit: int = 0) -> Batch:
@@ -191,19 +197,52 @@ class MetricsLog:
 # -- the loop ----------------------------------------------------------------------------------
 
 
+def _mean_over_processes(acc, values: dict[str, float]) -> dict[str, float]:
+    if acc.num_processes == 1:
+        return values
+    keys = sorted(values)
+    means = acc.reduce(torch.tensor([values[k] for k in keys], device=acc.device), "mean")
+    return dict(zip(keys, means.tolist()))
+
+
+def _micro_step(ctx: Context, recipe: Recipe, batch: Batch, seed: int, sync: bool, out: Path) -> dict[str, float]:
+    """Loss and backward of one micro-batch; every process stops together on a non-finite loss."""
+    acc, cfg = ctx.accelerator, ctx.cfg
+    result = recipe.loss(ctx, batch, seed=seed)
+    bad = torch.tensor([0.0 if torch.isfinite(result.loss) else 1.0], device=acc.device)
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, "sum")
+    if bad.item():
+        raise TrainingError(f"non-finite loss {result.loss.item()} (metrics {result.metrics}); "
+                            f"the last checkpoint in {out} is intact")
+    started = time.perf_counter()
+    with contextlib.nullcontext() if sync else acc.no_sync(ctx.policies.train_model):
+        acc.backward(result.loss / cfg.grad_accum)
+    ctx.timings["backward_s"] = ctx.timings.get("backward_s", 0.0) + time.perf_counter() - started
+    return result.metrics
+
+
 def train(cfg: TrainConfig, recipe: Recipe, ctx: Context | None = None) -> Path:
-    """Run (or resume) a training run; returns the run folder."""
+    """Run (or resume) a training run; returns the run folder.
+
+    Under ``accelerate launch`` each process takes its share of every step's prompts, gradients
+    are averaged by DDP, and the main process alone evaluates, logs and writes checkpoints.
+    """
     from tqdm.auto import tqdm
 
     from distill.evaluate import Evaluator
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     ctx = ctx or build_context(cfg, recipe)
-    (out / "config.json").write_text(json.dumps({"method": recipe.name, **asdict(cfg)}, indent=2))
+    acc = ctx.accelerator
+    main = acc.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({"method": recipe.name, **asdict(cfg)}, indent=2))
+    acc.wait_for_everyone()
     train_set = load_prompts(cfg, ctx.policies.tokenizer, "train", cfg.train_limit)
     evaluator = Evaluator(ctx, load_prompts(cfg, ctx.policies.tokenizer, cfg.eval_split, cfg.eval_prompts), out) \
-        if cfg.eval_prompts else None
+        if cfg.eval_prompts and main else None
 
     params = ctx.policies.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -211,27 +250,24 @@ def train(cfg: TrainConfig, recipe: Recipe, ctx: Context | None = None) -> Path:
     done = load_checkpoint(out, ctx, optimizer, scheduler) if cfg.resume else 0
     if done >= cfg.steps:
         log.info("%s already finished %d steps", out, done)
-    metrics_log = MetricsLog(out, done)
+    metrics_log = MetricsLog(out, done) if main else None
     if done == 0 and evaluator is not None:
         metrics_log.write(0, evaluator.run(seed=cfg.seed))
 
     micro = cfg.batch_prompts // cfg.grad_accum
-    bar = tqdm(range(done, cfg.steps), initial=done, total=cfg.steps, desc=recipe.name, dynamic_ncols=True)
+    bar = tqdm(range(done, cfg.steps), initial=done, total=cfg.steps, desc=recipe.name, dynamic_ncols=True,
+               disable=not main)
     for step in bar:
         started = time.perf_counter()
         ctx.timings.clear()
         indices = step_indices(len(train_set.ids), cfg.batch_prompts, step, cfg.seed)
         sums: dict[str, float] = {}
         for m in range(cfg.grad_accum):
-            batch = _subset(train_set, indices[m * micro : (m + 1) * micro])
-            result = recipe.loss(ctx, batch, seed=cfg.seed * 1_000_003 + step * cfg.grad_accum + m)
-            if not torch.isfinite(result.loss):
-                raise TrainingError(f"non-finite loss {result.loss.item()} at step {step + 1} "
-                                    f"(metrics {result.metrics}); the last checkpoint in {out} is intact")
-            t = time.perf_counter()
-            (result.loss / cfg.grad_accum).backward()
-            ctx.timings["backward_s"] = ctx.timings.get("backward_s", 0.0) + time.perf_counter() - t
-            for k, v in result.metrics.items():
+            mine = indices[m * micro : (m + 1) * micro][acc.process_index :: acc.num_processes]
+            metrics = _micro_step(ctx, recipe, _subset(train_set, mine),
+                                  seed=cfg.seed * 1_000_003 + step * cfg.grad_accum + m,
+                                  sync=m == cfg.grad_accum - 1, out=out)
+            for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         if not torch.isfinite(grad_norm):
@@ -240,18 +276,22 @@ def train(cfg: TrainConfig, recipe: Recipe, ctx: Context | None = None) -> Path:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         recipe.after_step(ctx, step + 1)
-        row = {**sums, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-               "step_s": time.perf_counter() - started, **ctx.timings}
-        metrics_log.write(step + 1, row)
-        bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "reward_mean", "kl_ref_estimate", "kl_anchor_estimate")
-                         if k in row})
+        row = _mean_over_processes(acc, {**sums, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                                         "step_s": time.perf_counter() - started, **ctx.timings})
         last = step + 1 == cfg.steps
-        if evaluator is not None and ((step + 1) % cfg.eval_every == 0 or last):
-            metrics_log.write(step + 1, evaluator.run(seed=cfg.seed))
-        if (step + 1) % cfg.save_every == 0 or last:
-            save_checkpoint(out, step + 1, ctx, optimizer, scheduler)
+        if main:
+            metrics_log.write(step + 1, row)
+            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "reward_mean", "kl_ref_estimate",
+                                                           "kl_anchor_estimate") if k in row})
+            if evaluator is not None and ((step + 1) % cfg.eval_every == 0 or last):
+                metrics_log.write(step + 1, evaluator.run(seed=cfg.seed))
+            if (step + 1) % cfg.save_every == 0 or last:
+                save_checkpoint(out, step + 1, ctx, optimizer, scheduler)
+        acc.wait_for_everyone()
     bar.close()
-    metrics_log.close()
-    ctx.policies.save_policy(out / "policy")
-    log.info("policy saved in %s", out / "policy")
+    if main:
+        metrics_log.close()
+        ctx.policies.save_policy(out / "policy")
+        log.info("policy saved in %s", out / "policy")
+    acc.wait_for_everyone()
     return out

@@ -47,6 +47,7 @@ class Policies:
             model.requires_grad_(True)
             self.ref_model = copy.deepcopy(model).requires_grad_(False)
             self.anchor_model = copy.deepcopy(model).requires_grad_(False) if with_anchor else None
+        self.train_model = self.model
         self.model.eval()  # no dropout: sampled and scored log-probabilities are the same policy
 
     # -- roles ------------------------------------------------------------------------------
@@ -81,7 +82,13 @@ class Policies:
                  batch_size: int = 16) -> torch.Tensor:
         """Per-sequence log pi(answer | prompt) under the role, shape (len(answers),)."""
         with self._role(role) as model, torch.set_grad_enabled(grad):
+            if grad and role == "policy":
+                model = self.train_model  # under DDP, the wrapper whose backward syncs gradients
             return sequence_logprobs(model, self.tokenizer, prompts, answers, batch_size=batch_size)
+
+    def prepare(self, accelerator) -> None:
+        """Let ``accelerate`` wrap the trained model (DDP when several processes run)."""
+        self.train_model = accelerator.prepare_model(self.model)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

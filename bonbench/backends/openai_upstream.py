@@ -23,17 +23,25 @@ class OpenAIUpstreamBackend:
         from openai import AsyncOpenAI
 
         self.base_url = base_url
+        self._api_key = api_key or "EMPTY"
         self._client = AsyncOpenAI(
-            base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=0,
+            base_url=base_url, api_key=self._api_key, timeout=timeout, max_retries=0,
             http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=max_connections), timeout=timeout),
         )
         self.model_name = model or ""
 
     async def resolve_model(self) -> str:
-        """The upstream's first served model, when none was named."""
+        """The upstream's first served model, when none was named.
+
+        Uses a client of its own: the server calls this on a short-lived event loop before it
+        starts, and a pooled connection opened there would fail on the server's loop."""
+        from openai import AsyncOpenAI
+
         if not self.model_name:
             try:
-                models = await self._client.models.list()
+                async with AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=30.0,
+                                       max_retries=0) as client:
+                    models = await client.models.list()
             except Exception as exc:
                 raise UpstreamError(f"cannot list models at {self.base_url}: {exc}") from exc
             if not models.data:

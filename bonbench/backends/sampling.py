@@ -38,7 +38,9 @@ class _Row:
 
 def _row_generator(seed: int | None, index: int) -> torch.Generator:
     g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + index) if seed is not None else random.getrandbits(62))
+    # Modulo 2**64: torch takes seeds in [-2**63, 2**64) and raises beyond, which would fail every
+    # request sharing the batch with a large client seed. Seeds that worked before draw the same numbers.
+    g.manual_seed((seed * 1_000_003 + index) % 2**64 if seed is not None else random.getrandbits(62))
     return g
 
 

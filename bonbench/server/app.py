@@ -20,15 +20,19 @@ from bonbench.server.service import BestOfNService
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 
 
 class ClientGone(Exception):
     """The client closed the connection before its answer was ready."""
 
 
-async def _until_disconnected(request: Request, every: float = 0.2) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(every)
+async def _until_disconnected(request: Request) -> None:
+    # Wait for the ASGI disconnect message itself. Polling request.is_disconnected() never sees it
+    # behind the @app.middleware("http") guard: Starlette's BaseHTTPMiddleware swallows the message
+    # when the receive is cancelled at once, as is_disconnected does.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -89,8 +93,10 @@ def build_app(service: BestOfNService, api_key: str | None = None) -> FastAPI:
         else:
             response = await call_next(request)
         if path.startswith("/v1/"):
-            metrics.requests.labels(path, str(response.status_code)).inc()
-            metrics.latency.labels(path).observe(time.perf_counter() - started)
+            # Unknown paths share one label: a series per path a client invents would grow without bound.
+            endpoint = path if path in _ENDPOINTS else "other"
+            metrics.requests.labels(endpoint, str(response.status_code)).inc()
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         return response
 
     @app.exception_handler(APIError)

@@ -99,9 +99,10 @@ class BestOfNService:
         if max_tokens > lim.max_tokens:
             raise InvalidRequest(f"max_tokens is {max_tokens}; this server allows at most {lim.max_tokens}",
                                  param="max_tokens")
+        # Chat asks with a bool; completions with an int, where logprobs=0 still wants each token's.
+        logprobs = req.logprobs if isinstance(req, P.ChatCompletionRequest) else req.logprobs is not None
         return SamplingParams(n=best_of, max_tokens=max_tokens, temperature=req.temperature,
-                              top_p=req.top_p, stop=req.stop_list, seed=req.seed,
-                              logprobs=bool(req.logprobs))
+                              top_p=req.top_p, stop=req.stop_list, seed=req.seed, logprobs=logprobs)
 
     def _check_prompt(self, prompt: Prompt, params: SamplingParams) -> None:
         try:
@@ -111,6 +112,8 @@ class BestOfNService:
         if tokens is None:
             return
         param = "prompt" if isinstance(prompt, str) else "messages"
+        if tokens == 0:  # the model would have no position to continue from
+            raise InvalidRequest("the prompt is empty: it has no tokens to continue", param=param)
         if tokens > self.limits.max_prompt_tokens:
             raise InvalidRequest(f"the prompt has {tokens} tokens; this server allows at most "
                                  f"{self.limits.max_prompt_tokens}", param=param, code="context_length_exceeded")

@@ -159,6 +159,27 @@ def test_bon_probabilities_are_stable_for_large_n_and_tiny_probabilities():
     assert got[0] == pytest.approx(n * 1e-300, rel=1e-9)  # best outcome: 1 − (1 − π)^n ≈ nπ
 
 
+def test_bon_probabilities_on_large_uniform_support_match_closed_form_at_large_n():
+    # Uniform over K distinct rewards: π_BoN of the outcome of rank i is ((i+1)/K)^n − (i/K)^n.
+    k, n = 20_000, 10_000
+    rewards = np.random.default_rng(19).permutation(k).astype(float)
+    rank = strict_order(rewards)
+    with np.errstate(divide="ignore"):
+        closed = np.exp(n * np.log1p(-(k - 1 - rank) / k)) - np.exp(n * np.log1p(-(k - rank) / k))
+    got = bon_probabilities(np.full(k, 1.0 / k), rewards, n)
+    visible = closed > 1e-300
+    np.testing.assert_allclose(got[visible], closed[visible], rtol=1e-10, atol=0)
+    assert got.sum() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_bon_probabilities_renormalise_probabilities_within_tolerance():
+    rng = np.random.default_rng(20)
+    probs, rewards = _random_case(rng, 10, tied=True)
+    got = bon_probabilities(probs * (1 + 5e-7), rewards, 3)
+    np.testing.assert_allclose(got, bon_probabilities(probs, rewards, 3), rtol=1e-12, atol=0)
+    assert got.sum() == pytest.approx(1.0, abs=1e-12)
+
+
 def test_bon_probabilities_reject_bad_inputs():
     with pytest.raises(ValueError, match="same shape"):
         bon_probabilities([0.5, 0.5], [1.0, 2.0, 3.0], 2)

@@ -187,3 +187,22 @@ def test_bad_configs_are_refused_with_a_reason(capsys):
     with pytest.raises(SystemExit):
         parse_config(JBondConfig, ["--temperature", "0.7"])
     assert "temperature" in capsys.readouterr().err
+
+
+def test_two_process_launch_trains_with_ddp_and_writes_once(tiny_model_path, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "distill.jbond",
+           "--model", tiny_model_path,
+           "--reward-model", "tests.distill.rewards:distinct_characters", "--steps", "2", "--batch-prompts", "4",
+           "--eval-prompts", "0", "--max-tokens", "8", "--lora-r", "4", "--threads", "1", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "training on 2 process(es)" in run.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # written once, by the main process
+    assert (out / "policy" / "adapter_model.safetensors").exists()

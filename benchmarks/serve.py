@@ -1,0 +1,243 @@
+"""What Best-of-N serving costs against plain sampling on the same backend.
+
+Starts ``python -m bonbench serve`` itself, twice and one after the other: first the Best-of-N
+server (``--n 8`` with the default reward), then a plain single-sample server on the same model and
+backend (``--reward-model none --n 1``). Against each it measures
+
+  (a) latency: ``--latency-requests`` sequential requests of ``--max-tokens`` new tokens (p50, p95),
+      with the tokens actually generated (the model may stop early; there is no ``min_tokens``);
+  (b) throughput: ``--requests`` requests from ``--concurrency`` concurrent clients
+      (generated tokens/s, every candidate counted; requests/s),
+
+and prints one table with the Best-of-N / plain ratios, also written to
+``reports/bench/<--out>.json`` and ``.md``. Prompts are the default task's test passages
+(``bonbench.tasks.summary_prompt``), seeded, the same for both servers.
+
+    python benchmarks/serve.py                                  # embedded SmolLM2 on CPU
+    python benchmarks/serve.py --requests 10 --concurrency 8    # a quick check
+    python benchmarks/serve.py --device cuda --backend vllm --n 16 --requests 256 --out vllm-n16
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bonbench.config import field, parse_config  # noqa: E402
+
+
+@dataclass
+class BenchConfig:
+    model: str = field("default", "policy: 'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id or folder")
+    backend: str = field("transformers", "transformers or vllm (both servers use it)")
+    device: str = field("cpu", "cpu or cuda[:i]")
+    threads: int = field(0, "torch CPU threads of each server (0: torch's default)")
+    reward_model: str = field("default", "reward of the Best-of-N server")
+    n: int = field(8, "candidates per Best-of-N request")
+    max_tokens: int = field(48, "new tokens asked for per candidate")
+    latency_requests: int = field(10, "sequential requests for the latency percentiles")
+    requests: int = field(64, "requests in the throughput run")
+    concurrency: int = field(16, "concurrent clients in the throughput run")
+    seed: int = field(0, "seed of the first request; request i uses seed + i")
+    startup_timeout: float = field(600.0, "seconds to wait for a server's /health")
+    out: str = field("serve", "report name: writes reports/bench/<out>.json and .md")
+
+    def __post_init__(self) -> None:
+        for name in ("n", "max_tokens", "latency_requests", "requests", "concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.latency_requests < 2:
+            raise ValueError("--latency-requests must be >= 2 for percentiles")
+        if Path(self.out).name != self.out:
+            raise ValueError("--out is a file name (no folders): the report goes under reports/bench/")
+
+
+# ---------------------------------------------------------------------------- the server
+
+MODEL_NAME = "bench"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m bonbench serve ARGS`` on a free loopback port, for a ``with`` block."""
+
+    def __init__(self, args: list[str], cfg: BenchConfig, label: str):
+        self.args, self.cfg, self.label = args, cfg, label
+
+    def __enter__(self) -> "ServerProcess":
+        import httpx
+
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.NamedTemporaryFile(prefix=f"bonbench-bench-{self.label}-", suffix=".log", delete=False)
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
+        command = [sys.executable, "-m", "bonbench", "serve", "--port", str(port), "--model", self.cfg.model,
+                   "--served-model-name", MODEL_NAME, "--backend", self.cfg.backend, "--device", self.cfg.device,
+                   "--threads", str(self.cfg.threads), "--log-level", "warning", *self.args]
+        print(f"starting {self.label} server: {' '.join(command[2:])}", flush=True)
+        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        started, deadline = time.monotonic(), time.monotonic() + self.cfg.startup_timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the {self.label} server exited while starting; log: {self.log.name}\n"
+                                   + Path(self.log.name).read_text(errors="replace")[-3000:])
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise RuntimeError(f"the {self.label} server was not healthy in time; log: {self.log.name}")
+            time.sleep(0.5)
+        print(f"  ready in {time.monotonic() - started:.1f}s", flush=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+# ---------------------------------------------------------------------------- measurements
+
+
+def _prompts(count: int) -> list[list[dict]]:
+    from bonbench.tasks import load_task, summary_prompt
+
+    documents = load_task(split="test")["document"]
+    return [summary_prompt(documents[i % len(documents)]) for i in range(count)]
+
+
+async def _ask(client, messages, cfg: BenchConfig, best_of: int, seed: int):
+    reply = await client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=cfg.max_tokens, seed=seed,
+        extra_body={"best_of": best_of, "return_candidates": True} if best_of > 1 else None)
+    if len(reply.choices) != 1:
+        raise RuntimeError(f"expected one choice, got {len(reply.choices)}")
+    bon = (reply.model_extra or {}).get("bon")
+    per_candidate = [c["num_tokens"] for c in bon["candidates"]] if bon else [reply.usage.completion_tokens]
+    return reply.usage.completion_tokens, per_candidate
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+async def measure(url: str, cfg: BenchConfig, best_of: int) -> dict:
+    """Latency (sequential) then throughput (concurrent) against one server."""
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600) as client:
+        prompts = _prompts(max(cfg.latency_requests, cfg.requests) + 1)
+        await _ask(client, prompts[-1], cfg, best_of, cfg.seed - 1)  # warm-up, not counted
+
+        latencies, candidate_tokens = [], []
+        for i in range(cfg.latency_requests):
+            started = time.perf_counter()
+            _, per_candidate = await _ask(client, prompts[i], cfg, best_of, cfg.seed + i)
+            latencies.append(time.perf_counter() - started)
+            candidate_tokens.extend(per_candidate)
+
+        queue: asyncio.Queue = asyncio.Queue()
+        for i in range(cfg.requests):
+            queue.put_nowait(i)
+        generated = 0
+
+        async def worker():
+            nonlocal generated
+            while not queue.empty():
+                i = queue.get_nowait()
+                tokens, _ = await _ask(client, prompts[i], cfg, best_of, cfg.seed + 1000 + i)
+                generated += tokens
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
+        wall = time.perf_counter() - started
+
+    return {
+        "best_of": best_of,
+        "latency_p50_s": _percentile(latencies, 0.5),
+        "latency_p95_s": _percentile(latencies, 0.95),
+        "tokens_per_candidate_mean": statistics.fmean(candidate_tokens),
+        "tokens_per_candidate_min": min(candidate_tokens),
+        "tokens_per_request_mean": statistics.fmean(candidate_tokens) * best_of,
+        "throughput_generated_tokens_per_s": generated / wall,
+        "throughput_requests_per_s": cfg.requests / wall,
+        "throughput_wall_s": wall,
+    }
+
+
+# ---------------------------------------------------------------------------- report
+
+ROWS = [  # (key, label, format)
+    ("latency_p50_s", "latency p50 (s), 1 request", "{:.2f}"),
+    ("latency_p95_s", "latency p95 (s), 1 request", "{:.2f}"),
+    ("tokens_per_candidate_mean", "generated tokens per candidate (mean)", "{:.1f}"),
+    ("tokens_per_candidate_min", "generated tokens per candidate (min)", "{:.0f}"),
+    ("tokens_per_request_mean", "generated tokens per request (mean)", "{:.1f}"),
+    ("throughput_generated_tokens_per_s", "throughput: generated tokens/s", "{:.1f}"),
+    ("throughput_requests_per_s", "throughput: requests/s", "{:.3f}"),
+]
+
+
+def table(bon: dict, plain: dict, cfg: BenchConfig) -> str:
+    head = ["metric", f"Best-of-{cfg.n}", "plain n=1", "ratio BoN/plain"]
+    lines = [head, ["---"] * 4]
+    for key, label, fmt in ROWS:
+        ratio = bon[key] / plain[key] if plain[key] else float("nan")
+        lines.append([label, fmt.format(bon[key]), fmt.format(plain[key]), f"{ratio:.2f}x"])
+    widths = [max(len(row[i]) for row in lines) for i in range(4)]
+    return "\n".join("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(BenchConfig, argv, prog="python benchmarks/serve.py", description=__doc__.split("\n\n")[0])
+    with ServerProcess(["--n", str(cfg.n), "--reward-model", cfg.reward_model], cfg, f"best-of-{cfg.n}") as server:
+        bon = asyncio.run(measure(server.url, cfg, cfg.n))
+    with ServerProcess(["--n", "1", "--reward-model", "none"], cfg, "plain") as server:
+        plain = asyncio.run(measure(server.url, cfg, 1))
+
+    text = table(bon, plain, cfg)
+    load = os.getloadavg()[1]  # other work on the machine skews every number: say how much there was
+    setup = (f"model {cfg.model}, backend {cfg.backend} on {cfg.device}, reward {cfg.reward_model}, "
+             f"max_tokens {cfg.max_tokens}; latency over {cfg.latency_requests} sequential requests; "
+             f"throughput over {cfg.requests} requests from {cfg.concurrency} concurrent clients; "
+             f"{os.cpu_count()} CPUs, 5-minute load average {load:.1f} at the end")
+    print(f"\n{setup}\n\n{text}")
+    out = REPO / "reports" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"config": asdict(cfg), "load_average_5min": load, "best_of_n": bon, "plain": plain}
+    (out / f"{cfg.out}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{cfg.out}.md").write_text(f"# Best-of-{cfg.n} serving against plain sampling\n\n{setup}.\n\n{text}\n")
+    print(f"\nwrote {out / cfg.out}.json and .md")
+
+
+if __name__ == "__main__":
+    main()

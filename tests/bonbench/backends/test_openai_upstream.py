@@ -1,0 +1,123 @@
+"""The upstream backend against a real OpenAI-compatible server: bonbench's own plain app (tiny
+random model, no reward), served by uvicorn on a loopback port in a thread of this process."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+
+from bonbench.backends.base import SamplingParams, UpstreamError
+from bonbench.backends.openai_upstream import OpenAIUpstreamBackend
+
+CHAT = [{"role": "user", "content": "Name three rivers."}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def upstream(tiny_model_path):
+    """Base URL of a plain single-sample server (max_tokens at most 32)."""
+    import uvicorn
+
+    from bonbench.backends.transformers import TransformersBackend
+    from bonbench.server.app import build_app
+    from bonbench.server.service import BestOfNService, Limits
+
+    backend = TransformersBackend.from_pretrained(tiny_model_path, "tiny")
+    service = BestOfNService(backend, None, "tiny", Limits(default_best_of=1, max_tokens=32, default_max_tokens=8))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the upstream did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1"
+    server.should_exit = True
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+def run(base_url: str, scenario, model: str | None = "tiny"):
+    """Run ``scenario(backend)`` on a fresh backend inside one event loop, then close it."""
+
+    async def main():
+        backend = OpenAIUpstreamBackend(base_url, model)
+        try:
+            return await scenario(backend)
+        finally:
+            await backend.close()
+
+    return asyncio.run(main())
+
+
+def test_resolve_model_names_the_upstreams_model_and_generation_then_works_on_another_loop(upstream):
+    backend = OpenAIUpstreamBackend(upstream)
+    # the server resolves the name on a short-lived loop of its own, then serves on uvicorn's
+    assert asyncio.run(backend.resolve_model()) == "tiny"
+
+    async def serve():
+        try:
+            return await backend.generate("Hello", SamplingParams(n=2, max_tokens=3))
+        finally:
+            await backend.close()
+
+    generation = asyncio.run(serve())
+    assert [c.num_tokens for c in generation.candidates] == [3, 3]
+
+
+def test_chat_candidates_carry_token_counts_and_logprobs_from_the_upstream(upstream):
+    generation = run(upstream, lambda b: b.generate(CHAT, SamplingParams(n=3, max_tokens=5, seed=1, logprobs=True)))
+    assert len(generation.candidates) == 3 and generation.prompt_tokens > 0
+    for c in generation.candidates:
+        assert c.num_tokens == 5 and len(c.tokens) == len(c.token_logprobs) == 5
+        assert c.logprob == pytest.approx(sum(c.token_logprobs)) and c.logprob < 0
+        assert c.finish_reason == "length"
+    assert generation.completion_tokens == 15
+
+
+def test_completion_candidates_carry_token_counts_and_logprobs_from_the_upstream(upstream):
+    generation = run(upstream, lambda b: b.generate("Once upon", SamplingParams(n=2, max_tokens=4, seed=2)))
+    for c in generation.candidates:
+        assert c.num_tokens == 4 and isinstance(c.logprob, float)
+        assert c.tokens == [] and c.token_logprobs == [], "per-token lists only when asked for"
+
+
+def test_seed_and_stop_pass_through_to_the_upstream(upstream):
+    params = SamplingParams(n=2, max_tokens=20, seed=5, stop=("e",))
+    first = run(upstream, lambda b: b.generate("Say", params))
+    again = run(upstream, lambda b: b.generate("Say", params))
+    assert [c.text for c in first.candidates] == [c.text for c in again.candidates]
+    assert all("e" not in c.text and c.finish_reason == "stop" for c in first.candidates)
+
+
+def test_upstream_refusal_raises_upstream_error_with_its_status_and_message(upstream):
+    with pytest.raises(UpstreamError, match="at most 32") as info:
+        run(upstream, lambda b: b.generate("Hi", SamplingParams(max_tokens=100)))
+    assert info.value.status == 400
+    with pytest.raises(UpstreamError) as info:
+        run(upstream, lambda b: b.generate("Hi", SamplingParams(max_tokens=2)), model="other-model")
+    assert info.value.status == 404
+
+
+def test_unreachable_upstream_raises_upstream_error_without_status():
+    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    with pytest.raises(UpstreamError, match="unreachable") as info:
+        run(dead, lambda b: b.generate("Hi", SamplingParams(max_tokens=2)))
+    assert info.value.status is None
+    with pytest.raises(UpstreamError, match="cannot list models"):
+        asyncio.run(OpenAIUpstreamBackend(dead).resolve_model())
+
+
+def test_upstream_backend_leaves_prompt_checks_to_the_upstream():
+    backend = OpenAIUpstreamBackend("http://127.0.0.1:9/v1", "m")
+    assert backend.count_prompt_tokens("anything") is None and backend.max_context is None

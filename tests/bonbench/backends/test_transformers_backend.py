@@ -1,0 +1,87 @@
+"""The in-process transformers backend: its worker thread, batching of concurrent requests,
+context checks and cancellation, on the tiny random model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from bonbench.backends.base import Backend, PromptTooLong, SamplingParams
+from bonbench.backends.transformers import TransformersBackend, encode_prompt
+
+CHAT = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_path):
+    backend = TransformersBackend.from_pretrained(tiny_model_path, "tiny", max_batch_rows=16)
+    yield backend
+    asyncio.run(backend.close())
+    assert not backend._worker.is_alive()
+
+
+def test_backend_satisfies_the_protocol(backend):
+    assert isinstance(backend, Backend)
+    assert backend.max_context == 2048
+
+
+def test_generate_draws_n_candidates_and_counts_the_templated_prompt(backend):
+    generation = asyncio.run(backend.generate(CHAT, SamplingParams(n=3, max_tokens=5, seed=0)))
+    assert len(generation.candidates) == 3
+    text = backend.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    assert generation.prompt_tokens == len(backend.tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert generation.prompt_tokens == backend.count_prompt_tokens(CHAT)
+    assert generation.completion_tokens == 15
+    assert encode_prompt(backend.tokenizer, "plain text") == backend.tokenizer("plain text",
+                                                                               add_special_tokens=False)["input_ids"]
+
+
+def test_concurrent_seeded_requests_match_the_same_requests_one_at_a_time(backend):
+    prompts = [CHAT, "Once upon a time", [{"role": "user", "content": "A much longer request " * 5}], "x"]
+    params = [SamplingParams(n=n, max_tokens=6 + n, seed=10 + n) for n in (1, 2, 3, 4)]
+
+    async def together():
+        return await asyncio.gather(*(backend.generate(p, s) for p, s in zip(prompts, params)))
+
+    batched = asyncio.run(together())
+    for prompt, sp, generation in zip(prompts, params, batched):
+        alone = asyncio.run(backend.generate(prompt, sp))
+        assert [c.token_ids for c in generation.candidates] == [c.token_ids for c in alone.candidates]
+        assert len(generation.candidates) == sp.n
+        assert all(c.num_tokens == sp.max_tokens for c in generation.candidates)
+
+
+def test_prompt_that_leaves_no_room_for_max_tokens_raises_prompt_too_long(backend):
+    long_prompt = "word " * 1500
+    with pytest.raises(PromptTooLong, match="context"):
+        asyncio.run(backend.generate(long_prompt, SamplingParams(max_tokens=1000)))
+    assert asyncio.run(backend.generate("word " * 10, SamplingParams(max_tokens=2))).candidates
+
+
+def test_cancelling_a_generation_frees_the_worker_for_the_next_request(backend):
+    async def scenario():
+        doomed = asyncio.ensure_future(backend.generate("Long", SamplingParams(n=16, max_tokens=2000)))
+        await asyncio.sleep(0.5)
+        doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        started = time.monotonic()
+        quick = await backend.generate("Quick", SamplingParams(max_tokens=3))
+        return quick, time.monotonic() - started
+
+    quick, seconds = asyncio.run(scenario())
+    assert quick.candidates[0].num_tokens == 3
+    # 16 x 2000 tokens would take minutes; the cancelled rows stop at their next token
+    assert seconds < 10, f"the next request waited {seconds:.1f}s behind a cancelled one"
+
+
+def test_a_chat_prompt_for_a_model_without_chat_template_is_a_value_error(backend):
+    template = backend.tokenizer.chat_template
+    backend.tokenizer.chat_template = None
+    try:
+        with pytest.raises(ValueError, match="chat template"):
+            backend.count_prompt_tokens(CHAT)
+    finally:
+        backend.tokenizer.chat_template = template

@@ -1,0 +1,85 @@
+"""A user's ``module:function`` reward: loaded by name, called on whole batches, failures loud."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bonbench.rewards.base import RewardError, checked_scores
+from bonbench.rewards.function import FunctionReward
+
+SPEC = f"{__name__}:brevity"
+calls: list[tuple[list, list]] = []
+
+
+def brevity(prompts, responses):
+    calls.append((list(prompts), list(responses)))
+    return [-len(r.split()) for r in responses]
+
+
+class Scorers:
+    @staticmethod
+    def shout(prompts, responses):
+        return [float(r.isupper()) for r in responses]
+
+
+def raises(prompts, responses):
+    raise KeyError("no such rubric")
+
+
+def too_few(prompts, responses):
+    return [0.0] * (len(responses) - 1)
+
+
+def nan(prompts, responses):
+    return [math.nan for _ in responses]
+
+
+def not_numbers(prompts, responses):
+    return ["high" for _ in responses]
+
+
+NOT_CALLABLE = 3
+
+
+def test_function_reward_scores_a_whole_batch_in_one_call():
+    calls.clear()
+    reward = FunctionReward(SPEC)
+    chat = [{"role": "user", "content": "Be brief."}]
+    assert reward.name == SPEC
+    assert reward.score([chat, "plain prompt"], ["one two three", "one"]) == [-3, -1]
+    assert calls == [([chat, "plain prompt"], ["one two three", "one"])]
+
+
+def test_function_reward_resolves_dotted_attributes():
+    assert FunctionReward(f"{__name__}:Scorers.shout").score(["p", "p"], ["LOUD", "quiet"]) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("no_such_module_anywhere:f", "cannot import"),
+    (f"{__name__}:missing", "has no attribute"),
+    (f"{__name__}:Scorers.missing", "has no attribute"),
+    (f"{__name__}:NOT_CALLABLE", "not callable"),
+])
+def test_a_spec_that_names_nothing_callable_is_a_value_error(spec, words):
+    with pytest.raises(ValueError, match=words):
+        FunctionReward(spec)
+
+
+@pytest.mark.parametrize("function, words", [
+    ("raises", "KeyError: 'no such rubric'"),
+    ("too_few", "returned 1 scores for 2 responses"),
+    ("nan", "returned NaN"),
+    ("not_numbers", "ValueError"),
+])
+def test_checked_scores_turns_every_failure_into_a_reward_error_that_says_why(function, words):
+    reward = FunctionReward(f"{__name__}:{function}")
+    with pytest.raises(RewardError, match=words) as info:
+        checked_scores(reward, ["p", "p"], ["a", "b"])
+    assert f"{__name__}:{function}" in str(info.value)
+
+
+def test_checked_scores_returns_floats():
+    scores = checked_scores(FunctionReward(SPEC), ["p"], ["a b"])
+    assert scores == [-2.0] and isinstance(scores[0], float)

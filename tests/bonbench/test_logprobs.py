@@ -1,0 +1,128 @@
+"""Teacher-forced sequence log-probabilities (bonbench/logprobs.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bonbench.backends.base import SamplingParams
+from bonbench.backends.sampling import SampleRequest, sample
+from bonbench.backends.transformers import encode_prompt, eos_ids, load_causal_lm
+from bonbench.logprobs import answer_logprobs, sequence_logprobs
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_path):
+    return load_causal_lm(tiny_model_path, "float32")
+
+
+def _prompts(tokenizer, count: int) -> list[list[int]]:
+    # Prompts of clearly different lengths, so batches need real padding.
+    return [encode_prompt(tokenizer, [{"role": "user", "content": "word " * (1 + 7 * i)}]) for i in range(count)]
+
+
+def _manual(model, prompt: list[int], answer: list[int]) -> float:
+    """One forward pass per answer token, no padding, no batching."""
+    total = 0.0
+    with torch.no_grad():
+        for t, token in enumerate(answer):
+            prefix = torch.tensor([prompt + answer[:t]])
+            logits = model(input_ids=prefix).logits[0, -1].double()
+            total += float(torch.log_softmax(logits, -1)[token])
+    return total
+
+
+def test_matches_token_by_token_computation(tiny):
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer, 3)
+    g = torch.Generator().manual_seed(0)
+    answers = [torch.randint(0, len(tokenizer), (length,), generator=g).tolist() for length in (1, 5, 9)]
+    with torch.no_grad():
+        got = sequence_logprobs(model, tokenizer, prompts, answers, batch_size=3)
+    want = torch.tensor([_manual(model, p, a) for p, a in zip(prompts, answers)], dtype=torch.float32)
+    assert got.shape == (3,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_invariant_to_padding_batching_and_order(tiny):
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer, 6)
+    g = torch.Generator().manual_seed(1)
+    answers = [torch.randint(0, len(tokenizer), (length,), generator=g).tolist() for length in (2, 11, 1, 7, 4, 13)]
+    with torch.no_grad():
+        alone = torch.cat([sequence_logprobs(model, tokenizer, [p], [a]) for p, a in zip(prompts, answers)])
+        together = sequence_logprobs(model, tokenizer, prompts, answers, batch_size=6)
+        pairs_of_two = sequence_logprobs(model, tokenizer, prompts, answers, batch_size=2)
+        reversed_ = sequence_logprobs(model, tokenizer, prompts[::-1], answers[::-1], batch_size=4).flip(0)
+    for other in (together, pairs_of_two, reversed_):
+        torch.testing.assert_close(other, alone, atol=1e-4, rtol=0)
+
+
+def test_equals_sampler_logprob_at_temperature_one(tiny):
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer, 3)
+    requests = [SampleRequest(p, SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=i))
+                for i, p in enumerate(prompts)]
+    candidates = sample(model, tokenizer, requests, eos_ids(model, tokenizer))
+    flat = [(p, c) for p, cands in zip(prompts, candidates) for c in cands]
+    with torch.no_grad():
+        got = sequence_logprobs(model, tokenizer, [p for p, _ in flat], [c.token_ids for _, c in flat], batch_size=4)
+    sampled = torch.tensor([c.logprob for _, c in flat])
+    assert (got - sampled).abs().max() < 1e-3
+
+
+def test_carries_gradients_without_no_grad(tiny):
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer, 3)
+    answers = [[10, 20, 30], [40], [50, 60]]
+    model.zero_grad()
+    logprobs = sequence_logprobs(model, tokenizer, prompts, answers, batch_size=2)
+    assert logprobs.requires_grad
+    logprobs.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    model.zero_grad()
+
+
+def test_empty_answer_scores_zero_and_bad_input_raises(tiny):
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer, 2)
+    with torch.no_grad():
+        got = sequence_logprobs(model, tokenizer, prompts, [[], [5, 6]])
+        alone = sequence_logprobs(model, tokenizer, prompts[1:], [[5, 6]])
+    assert got[0] == 0 and torch.isclose(got[1], alone[0], atol=1e-5)
+    with pytest.raises(ValueError, match="answers"):
+        sequence_logprobs(model, tokenizer, prompts, [[1]])
+    with pytest.raises(ValueError, match="at least one token"):
+        sequence_logprobs(model, tokenizer, [[]], [[1]])
+
+
+def test_answer_logprobs_scores_text_with_and_without_eos(tiny):
+    model, tokenizer = tiny
+    prompts = [[{"role": "user", "content": "Summarize: a cat sat."}], "plain text prompt"]
+    answers = ["A cat sat.", "more text"]
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    tokens = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    eos = eos_ids(model, tokenizer)[0]
+    with torch.no_grad():
+        finished = answer_logprobs(model, tokenizer, prompts, answers)
+        prefix = answer_logprobs(model, tokenizer, prompts, answers, finished=False)
+        want_finished = sequence_logprobs(model, tokenizer, ids, [t + [eos] for t in tokens])
+        want_prefix = sequence_logprobs(model, tokenizer, ids, tokens)
+    torch.testing.assert_close(finished, want_finished)
+    torch.testing.assert_close(prefix, want_prefix)
+    assert (finished < prefix).all()  # stopping has a probability below 1
+
+
+@pytest.mark.slow
+def test_equals_sampler_logprob_on_the_embedded_default(default_model_path):
+    model, tokenizer = load_causal_lm(default_model_path, "float32")
+    prompts = _prompts(tokenizer, 2)
+    requests = [SampleRequest(p, SamplingParams(n=2, max_tokens=16, seed=i)) for i, p in enumerate(prompts)]
+    candidates = sample(model, tokenizer, requests, eos_ids(model, tokenizer))
+    flat = [(p, c) for p, cands in zip(prompts, candidates) for c in cands]
+    with torch.no_grad():
+        got = sequence_logprobs(model, tokenizer, [p for p, _ in flat], [c.token_ids for _, c in flat])
+    sampled = torch.tensor([c.logprob for _, c in flat])
+    assert (got - sampled).abs().max() < 1e-3
