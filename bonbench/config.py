@@ -47,8 +47,7 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None, *, prog: str |
                  description: str | None = None) -> C:
     """Build ``cls`` from the command line; ``__post_init__`` errors become usage errors."""
     hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", type=Path, help="YAML file with any of the options below")
     for f in dataclasses.fields(cls):
         base, many = _base_type(hints[f.name])

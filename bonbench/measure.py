@@ -1,7 +1,9 @@
-"""``python -m bonbench measure``: what Best-of-N buys and what it costs, and how a policy compares.
+r"""``python -m bonbench measure``: what Best-of-N buys and what it costs, and how a policy compares.
 
-    python -m bonbench measure --split test --limit 40 --ns 1 2 4 8 --k 16 --max-tokens 48
-    python -m bonbench measure --policy runs/jbond/final --limit 40      # a distilled policy too
+    python -m bonbench measure --split test --limit 40 --ns 1 2 4 8 --k 16 --max-tokens 48 \
+        --out reports/measure-default
+    python -m bonbench measure --split test --limit 40 --ns 1 2 4 8 --k 16 --max-tokens 48 \
+        --out reports/measure-default --policy runs/jbond/policy    # a policy against that same pool
     python -m bonbench measure --model Qwen/Qwen2.5-1.5B-Instruct --reward-model <hf id> --device cuda
 
 For every prompt the reference π_ref (``--model``) draws one pool of ``k + M`` samples at
@@ -12,12 +14,16 @@ For every prompt the reference π_ref (``--model``) draws one pool of ``k + M`` 
   quantile is the smoothed ``log((c + 1)/(k + 1))`` of ``bon.log_quantile``.
 * ``candidate``: the next ``M`` (``--pool``, default the largest N); the draws Best-of-N selects from.
 
-With ``--policy`` the policy also draws ``--policy-samples`` answers per prompt at temperature 1
-and top_p 1, so the sampler's log-probability is exactly log π(y); log π_ref(y) of the same tokens
-comes from ``bonbench.logprobs.sequence_logprobs`` under the reference.
+With ``--policy`` (a model folder, a hub id, or a LoRA adapter folder put on ``--model``) the
+policy also draws ``--policy-samples`` answers per prompt at temperature 1 and top_p 1, so the
+sampler's log-probability is exactly log π(y); log π_ref(y) of the same tokens comes from
+``bonbench.logprobs.sequence_logprobs`` under the reference. A policy is measured against the pool
+of its ``--out``: pointed at an existing run it draws the pool only for prompts that lack one (a
+grown ``--limit``) and adds its own samples, so any number of policies, measured one command at a
+time, share one reference pool.
 
-Estimators (one summary row per method, ``BoN-N`` for each N and ``policy``)
-------------------------------------------------------------------------------
+Estimators (one summary row per method: ``BoN-N`` for each N, ``policy:<slug>`` for each policy)
+------------------------------------------------------------------------------------------------
 Each per-prompt number below is unbiased for its per-prompt expectation; the summary averages
 prompts with equal weight, and every ``*_se`` is the standard error of that average across
 prompts (prompts are independent; samples within a prompt are not counted as independent).
@@ -56,13 +62,24 @@ prompts (prompts are independent; samples within a prompt are not counted as ind
   BoN-N, one for the policy (no reward needed). Times depend on the batch size used (policy
   batches are smaller than pool batches) and on the machine; tokens do not.
 
-Resuming: every prompt's samples go to ``OUT/samples/prompt-<index>.parquet`` as soon as its batch
-is scored. A rerun with the same ``--out`` skips the prompts already there (``--limit`` may grow,
-``--ns`` may change within the pool) and recomputes all tables from every stored sample; the other
-settings must match the first run's ``run.json``. Each prompt's seed depends only on ``--seed`` and
-the prompt's index, not on what else is in its batch.
+Storage and resuming: every prompt's pool goes to ``OUT/samples/prompt-<index>.parquet`` as soon
+as its batch is scored, and each policy's samples to ``OUT/samples/policy-<slug>/prompt-<index>.parquet``
+(``<slug>``: the policy path's last two parts, ``runs/jbond/policy`` -> ``jbond-policy``, made
+unique within the run). A rerun with the same ``--out`` samples only what is missing: the pool of
+prompts without one (``--limit`` may grow; ``--ns`` may change within the pool) and, with
+``--policy``, that policy's samples of prompts without them; then it recomputes all tables from
+every stored sample, with a row for every policy measured in ``--out`` (its ``prompts`` column
+says how many of the prompts it covers). The settings that define the pool (``--model``,
+``--reward-model``, ``--task``, ``--split``, ``--k``, ``--pool``, ``--max-tokens``,
+``--temperature``, ``--seed``, ``--dtype``) must match ``run.json``'s ``settings``; the policies
+are listed under its ``policies`` (slug, path as given, resolved path, ``--policy-samples``, which
+must stay the same for one policy). A policy is known by its path: a policy retrained into the
+same folder is measured as a new one only under a new path (or after deleting its
+``samples/policy-<slug>``). Each prompt's seed depends only on ``--seed`` and the prompt's index,
+not on what else is in its batch or which command drew it.
 
-Outputs in ``--out``: ``samples``, ``per_prompt`` and ``summary`` as .parquet and .csv, plus
+Outputs in ``--out``: ``samples`` (a ``policy`` column holds the slug of policy rows), ``per_prompt``
+and ``summary`` (``policy_path``: the policy of a ``policy:<slug>`` row) as .parquet and .csv, plus
 ``summary.md`` and ``run.json``.
 """
 
@@ -72,6 +89,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -85,9 +103,12 @@ from bonbench.rewards import REWARD_HELP
 
 log = logging.getLogger("bonbench.measure")
 
-# Settings that must not change between a run and its resumption.
-_RESUME_KEYS = ("model", "policy", "reward_model", "task", "split", "k", "pool", "policy_samples",
-                "max_tokens", "temperature", "seed", "dtype")
+# Settings that define the reference pool: they must not change between a run and its resumption.
+# The policy settings (--policy, --policy-samples) are not among them: policies come and go.
+_RESUME_KEYS = ("model", "reward_model", "task", "split", "k", "pool", "max_tokens", "temperature", "seed",
+                "dtype")
+SAMPLE_COLUMNS = ["prompt_index", "prompt_id", "role", "policy", "sample_index", "text", "num_tokens",
+                  "finish_reason", "logprob", "ref_logprob", "sample_seconds", "reward", "reward_seconds", "created"]
 
 
 @dataclass
@@ -177,8 +198,10 @@ def duplicate_rate(texts) -> float:
 def prompt_stats(samples, ns: list[int]) -> tuple[list[dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """One prompt's per-method statistics (see the module docstring) and win-rate pairs.
 
-    ``samples``: the prompt's rows of the samples table. Returns one row per method and, per
-    method, the (own rewards, reference rewards) of its disjoint comparisons.
+    ``samples``: the prompt's rows of the samples table; policy rows are told apart by the
+    ``policy`` column (method ``policy:<slug>``; ``policy`` where the column is absent or empty).
+    Returns one row per method and, per method, the (own rewards, reference rewards) of its
+    disjoint comparisons.
     """
     by_role = {role: g.sort_values("sample_index") for role, g in samples.groupby("role")}
     ref, cand = by_role["reference"], by_role["candidate"]
@@ -206,15 +229,18 @@ def prompt_stats(samples, ns: list[int]) -> tuple[list[dict], dict[str, tuple[np
                      "kl_measured": float("nan"), "duplicate_rate": dup,
                      "tokens_per_request": n * mean_tokens,
                      "seconds_per_request": n * sample_s + (n * reward_s if n > 1 else 0.0)})
-    if "policy" in by_role:
-        pol = by_role["policy"]
+    policy_rows = samples[samples["role"] == "policy"]
+    policy_rows = policy_rows.assign(policy=policy_rows["policy"].fillna("") if "policy" in policy_rows else "")
+    for label, pol in policy_rows.groupby("policy", sort=False):
+        method = f"policy:{label}" if label else "policy"
+        pol = pol.sort_values("sample_index")
         pol_r = pol["reward"].to_numpy(float)
         count = min(len(pol_r), len(ref_r))
-        pairs["policy"] = (pol_r[:count], ref_r[:count])
+        pairs[method] = (pol_r[:count], ref_r[:count])
         quant = bon.mc_quantiles(pol_r, ref_r)
-        rows.append({**base, "method": "policy", "n": 1, "reward": float(pol_r.mean()),
+        rows.append({**base, "method": method, "n": 1, "reward": float(pol_r.mean()),
                      "log_quantile": float(bon.log_quantile(pol_r, ref_r).mean()),
-                     "win_rate": bon.win_rate(*pairs["policy"]).rate, "win_pairs": count,
+                     "win_rate": bon.win_rate(*pairs[method]).rate, "win_pairs": count,
                      "win_rate_all": float((0.5 * (quant.p_less + quant.p_leq)).mean()),
                      "kl_measured": float((pol["logprob"] - pol["ref_logprob"]).mean()),
                      "duplicate_rate": duplicate_rate(list(pol["text"])),
@@ -231,8 +257,10 @@ def _mean_se(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(se)
 
 
-def summarize(samples, ns: list[int], k: int):
-    """``(per_prompt, summary)`` DataFrames from the samples table (module docstring)."""
+def summarize(samples, ns: list[int], k: int, policy_paths: dict[str, str] | None = None):
+    """``(per_prompt, summary)`` DataFrames from the samples table (module docstring).
+
+    ``policy_paths``: slug -> path of the policies, for the summary's ``policy_path`` column."""
     import pandas as pd
 
     rows, pairs = [], {}
@@ -245,7 +273,7 @@ def summarize(samples, ns: list[int], k: int):
     summary = []
     for method, group in per_prompt.groupby("method", sort=False):
         n = int(group["n"].iloc[0])
-        is_bon = method != "policy"
+        is_bon = method.startswith("BoN-")
         mine = np.concatenate([m for m, _ in pairs[method]])
         theirs = np.concatenate([t for _, t in pairs[method]])
         win = bon.win_rate(mine, theirs)
@@ -265,6 +293,7 @@ def summarize(samples, ns: list[int], k: int):
             "duplicate_rate": float(group["duplicate_rate"].mean()),
             "tokens_per_request": float(group["tokens_per_request"].mean()),
             "seconds_per_request": float(group["seconds_per_request"].mean()),
+            "policy_path": "" if is_bon else (policy_paths or {}).get(method.partition(":")[2], ""),
         })
     return per_prompt, pd.DataFrame(summary)
 
@@ -284,35 +313,23 @@ class _Models:
 
 
 def load_policy(path: str, ref_path: str, dtype: str, device: str):
-    """A policy folder, or a PEFT LoRA adapter (``adapter_config.json``) on the reference's weights,
-    merged for sampling speed. Returns (model, tokenizer)."""
+    """A policy folder, or a PEFT LoRA adapter (``adapter_config.json``) merged onto the reference's
+    weights. Returns (model, tokenizer)."""
     from bonbench.backends.transformers import load_causal_lm
     from bonbench.models import resolve_policy
 
-    folder = Path(path)
-    if not (folder / "adapter_config.json").exists():
-        return load_causal_lm(resolve_policy(path), dtype, device)
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    base, tokenizer = load_causal_lm(ref_path, dtype, device)
-    declared = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    log.info("policy: LoRA adapter %s on %s (the adapter names %s as its base)", path, ref_path, declared)
-    model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
-    model.eval()
-    if (folder / "tokenizer_config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    return model, tokenizer
+    return load_causal_lm(resolve_policy(path), dtype, device, adapter_base=ref_path)
 
 
-def load_models(cfg: MeasureConfig) -> _Models:
+def load_models(cfg: MeasureConfig, policy: bool = True) -> _Models:
+    """The reference, and ``cfg.policy`` if given and ``policy``."""
     from bonbench.backends.transformers import eos_ids, load_causal_lm
     from bonbench.models import resolve_policy
 
     ref_path = resolve_policy(cfg.model)
     ref_model, tokenizer = load_causal_lm(ref_path, cfg.dtype, cfg.device)
     models = _Models(ref_model, tokenizer, eos_ids(ref_model, tokenizer))
-    if cfg.policy:
+    if cfg.policy and policy:
         models.policy_model, models.policy_tokenizer = load_policy(cfg.policy, ref_path, cfg.dtype, cfg.device)
         if models.policy_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"--policy {cfg.policy} and --model {cfg.model} have different vocabularies: "
@@ -352,18 +369,13 @@ def _encode(tokenizer, prompt, max_tokens: int, model) -> list[int]:
     return ids
 
 
-def measure_batch(models: _Models, reward, cfg: MeasureConfig, pool: int, batch: list[dict]):
-    """Sample, score and (for the policy) teacher-force one batch of prompts.
+def measure_pool(models: _Models, reward, cfg: MeasureConfig, pool: int, batch: list[dict]):
+    """Sample and score the reference pool (``k`` references, ``pool`` candidates) of a batch.
 
     ``batch``: dicts with ``index``, ``id``, ``document``. Returns the batch's samples table rows.
     """
-    import pandas as pd
-    import torch
-
     from bonbench.backends.base import SamplingParams
     from bonbench.backends.sampling import SampleRequest
-    from bonbench.logprobs import sequence_logprobs
-    from bonbench.rewards import checked_scores
     from bonbench.tasks import summary_prompt
 
     prompts = [summary_prompt(item["document"]) for item in batch]
@@ -378,23 +390,46 @@ def measure_batch(models: _Models, reward, cfg: MeasureConfig, pool: int, batch:
         for j, (c, s) in enumerate(zip(cands, secs)):
             role, index = ("reference", j) if j < cfg.k else ("candidate", j - cfg.k)
             rows.append(_row(item, role, index, c, s))
-    if models.policy_model is not None:
-        pol_ids = [_encode(models.policy_tokenizer, p, cfg.max_tokens, models.policy_model) for p in prompts]
-        if pol_ids != ids:
-            raise ValueError("the policy's tokenizer encodes the prompts differently from the reference's")
-        requests = [SampleRequest(pid, SamplingParams(n=cfg.policy_samples, max_tokens=cfg.max_tokens,
-                                                      temperature=1.0, top_p=1.0,
-                                                      seed=_prompt_seed(cfg.seed, item["index"], 1)))
-                    for pid, item in zip(ids, batch)]
-        pol_cands, pol_secs = _timed_sample(models.policy_model, models.policy_tokenizer, requests, models.policy_eos)
-        flat = [(pid, c) for pid, cands in zip(ids, pol_cands) for c in cands]
-        with torch.inference_mode():
-            ref_lp = sequence_logprobs(models.ref_model, models.tokenizer, [p for p, _ in flat],
-                                       [c.token_ids for _, c in flat], batch_size=cfg.logprob_batch).cpu().tolist()
-        lp_iter = iter(ref_lp)
-        for item, cands, secs in zip(batch, pol_cands, pol_secs):
-            for j, (c, s) in enumerate(zip(cands, secs)):
-                rows.append(_row(item, "policy", j, c, s, ref_logprob=next(lp_iter)))
+    return _scored(reward, batch, prompts, rows)
+
+
+def measure_policy(models: _Models, reward, cfg: MeasureConfig, slug: str, batch: list[dict]):
+    """Sample ``cfg.policy_samples`` answers per prompt from the policy, score them and teacher-force
+    them through the reference (``ref_logprob``). Returns the batch's samples table rows."""
+    import torch
+
+    from bonbench.backends.base import SamplingParams
+    from bonbench.backends.sampling import SampleRequest
+    from bonbench.logprobs import sequence_logprobs
+    from bonbench.tasks import summary_prompt
+
+    prompts = [summary_prompt(item["document"]) for item in batch]
+    ids = [_encode(models.tokenizer, p, cfg.max_tokens, models.ref_model) for p in prompts]
+    pol_ids = [_encode(models.policy_tokenizer, p, cfg.max_tokens, models.policy_model) for p in prompts]
+    if pol_ids != ids:
+        raise ValueError("the policy's tokenizer encodes the prompts differently from the reference's")
+    requests = [SampleRequest(pid, SamplingParams(n=cfg.policy_samples, max_tokens=cfg.max_tokens,
+                                                  temperature=1.0, top_p=1.0,
+                                                  seed=_prompt_seed(cfg.seed, item["index"], 1)))
+                for pid, item in zip(ids, batch)]
+    pol_cands, pol_secs = _timed_sample(models.policy_model, models.policy_tokenizer, requests, models.policy_eos)
+    flat = [(pid, c) for pid, cands in zip(ids, pol_cands) for c in cands]
+    with torch.inference_mode():
+        ref_lp = sequence_logprobs(models.ref_model, models.tokenizer, [p for p, _ in flat],
+                                   [c.token_ids for _, c in flat], batch_size=cfg.logprob_batch).cpu().tolist()
+    lp_iter = iter(ref_lp)
+    rows = []
+    for item, cands, secs in zip(batch, pol_cands, pol_secs):
+        for j, (c, s) in enumerate(zip(cands, secs)):
+            rows.append(_row(item, "policy", j, c, s, ref_logprob=next(lp_iter), policy=slug))
+    return _scored(reward, batch, prompts, rows)
+
+
+def _scored(reward, batch, prompts, rows):
+    """``rows`` with their rewards, the reward's time per sample and a creation time, as a table."""
+    import pandas as pd
+
+    from bonbench.rewards import checked_scores
 
     by_prompt = {item["index"]: p for item, p in zip(batch, prompts)}
     start = time.perf_counter()
@@ -403,13 +438,14 @@ def measure_batch(models: _Models, reward, cfg: MeasureConfig, pool: int, batch:
     created = pd.Timestamp.now(tz="UTC")
     for r, score in zip(rows, scores):
         r.update(reward=score, reward_seconds=per_sample, created=created)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
 
 
-def _row(item, role, index, cand, seconds, ref_logprob=float("nan")) -> dict:
-    return {"prompt_index": item["index"], "prompt_id": item["id"], "role": role, "sample_index": index,
-            "text": cand.text, "num_tokens": cand.num_tokens, "finish_reason": cand.finish_reason,
-            "logprob": cand.logprob, "ref_logprob": ref_logprob, "sample_seconds": seconds}
+def _row(item, role, index, cand, seconds, ref_logprob=float("nan"), policy="") -> dict:
+    return {"prompt_index": item["index"], "prompt_id": item["id"], "role": role, "policy": policy,
+            "sample_index": index, "text": cand.text, "num_tokens": cand.num_tokens,
+            "finish_reason": cand.finish_reason, "logprob": cand.logprob, "ref_logprob": ref_logprob,
+            "sample_seconds": seconds}
 
 
 # ---------------------------------------------------------------------------------------
@@ -421,13 +457,25 @@ def _settings(cfg: MeasureConfig, pool: int) -> dict:
     return {key: values[key] for key in _RESUME_KEYS}
 
 
+def _read_run(out: Path) -> dict | None:
+    saved = out / "run.json"
+    return json.loads(saved.read_text()) if saved.exists() else None
+
+
+def _write_run(out: Path, data: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".run.json.tmp"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(out / "run.json")
+
+
 def _resolve_pool(cfg: MeasureConfig, out: Path) -> int:
     """``--pool``, else the pool of the run being resumed, else the largest N."""
-    saved = out / "run.json"
+    saved = _read_run(out)
     if cfg.pool:
         return cfg.pool
-    if saved.exists():
-        pool = json.loads(saved.read_text())["settings"]["pool"]
+    if saved is not None:
+        pool = saved["settings"]["pool"]
         if pool < max(cfg.ns):
             raise ValueError(f"{out} holds {pool} candidates per prompt, too few for Best-of-{max(cfg.ns)}")
         return pool
@@ -435,21 +483,69 @@ def _resolve_pool(cfg: MeasureConfig, out: Path) -> int:
 
 
 def _check_resume(cfg: MeasureConfig, out: Path, pool: int) -> None:
+    """The pool settings must match those of ``run.json`` (written on a first run). Settings of runs
+    from before policies were kept apart (``policy``, ``policy_samples``) are not compared."""
     settings = _settings(cfg, pool)
-    saved = out / "run.json"
-    if saved.exists():
-        before = json.loads(saved.read_text())["settings"]
+    saved = _read_run(out)
+    if saved is not None:
+        before = saved["settings"]
         changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise ValueError(f"{out} holds a run with other settings ({detail}); use a new --out")
         return
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps({"settings": settings, "config": dataclasses.asdict(cfg)}, indent=2) + "\n")
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("policy", "policy_samples")}
+    _write_run(out, {"settings": settings, "config": config, "policies": []})
+
+
+def policy_slug(path: str) -> str:
+    """A folder-name label for a policy: the last two parts of its path or hub id, ``-``-joined
+    (``runs/jbond/policy`` -> ``jbond-policy``)."""
+    parts = [part for part in Path(path).parts if part not in ("/", ".", "..")]
+    slug = re.sub(r"[^A-Za-z0-9._]+", "-", "-".join(parts[-2:])).strip("-.")
+    return slug or "policy"
+
+
+def _policy_key(path: str) -> str:
+    """What identifies a policy: the resolved folder, or the name as given (a hub id)."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+def register_policy(cfg: MeasureConfig, out: Path) -> dict:
+    """``cfg.policy``'s entry in ``run.json``'s ``policies`` (``slug``, ``path``, ``resolved``,
+    ``policy_samples``), added with a slug no other policy of the run has if it is new."""
+    data = _read_run(out)
+    policies = data.setdefault("policies", [])
+    key = _policy_key(cfg.policy)
+    for entry in policies:
+        if entry["resolved"] == key or entry["path"] == cfg.policy:
+            if entry["policy_samples"] != cfg.policy_samples:
+                raise ValueError(f"{out} holds samples of policy {entry['path']} drawn with --policy-samples "
+                                 f"{entry['policy_samples']}, not {cfg.policy_samples}; use that, or delete "
+                                 f"{_policy_dir(out, entry['slug'])} and its entry in run.json")
+            return entry
+    taken = {entry["slug"] for entry in policies}
+    base = slug = policy_slug(cfg.policy)
+    count = 1
+    while slug in taken or _policy_dir(out, slug).exists():
+        count += 1
+        slug = f"{base}-{count}"
+    entry = {"slug": slug, "path": cfg.policy, "resolved": key, "policy_samples": cfg.policy_samples}
+    policies.append(entry)
+    _write_run(out, data)
+    return entry
 
 
 def _prompt_file(out: Path, index: int) -> Path:
     return out / "samples" / f"prompt-{index:05d}.parquet"
+
+
+def _policy_dir(out: Path, slug: str) -> Path:
+    return out / "samples" / f"policy-{slug}"
+
+
+def _policy_file(out: Path, slug: str, index: int) -> Path:
+    return _policy_dir(out, slug) / f"prompt-{index:05d}.parquet"
 
 
 def _write_atomic(frame, path: Path) -> None:
@@ -459,20 +555,41 @@ def _write_atomic(frame, path: Path) -> None:
     tmp.replace(path)
 
 
-def load_samples(out: Path, items: list[dict]):
-    """The stored samples of ``items`` (those that have a file), checked against the prompt ids."""
+def _read_prompt(path: Path, item: dict):
     import pandas as pd
 
-    frames = []
+    frame = pd.read_parquet(path)
+    if set(frame["prompt_id"]) != {item["id"]}:
+        raise ValueError(f"{path} holds prompt {frame['prompt_id'].iloc[0]!r}, but prompt "
+                         f"{item['index']} of the task is {item['id']!r}")
+    return frame
+
+
+def load_samples(out: Path, items: list[dict], policies: list[dict] = ()):
+    """The stored samples of ``items`` (those that have a pool file), checked against the prompt ids:
+    per prompt its pool, then the samples of each of ``policies`` (``run.json`` entries) it has."""
+    import pandas as pd
+
+    frames, legacy = [], 0
     for item in items:
         path = _prompt_file(out, item["index"])
-        if path.exists():
-            frame = pd.read_parquet(path)
-            if set(frame["prompt_id"]) != {item["id"]}:
-                raise ValueError(f"{path} holds prompt {frame['prompt_id'].iloc[0]!r}, but prompt "
-                                 f"{item['index']} of the task is {item['id']!r}")
-            frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else None
+        if not path.exists():
+            continue
+        frame = _read_prompt(path, item)
+        if "policy" not in frame:
+            frame.insert(frame.columns.get_loc("role") + 1, "policy", "")
+        if (frame["role"] == "policy").any():  # a run from before policies had files of their own
+            legacy += 1
+            frame = frame[frame["role"] != "policy"]
+        frames.append(frame)
+        for entry in policies:
+            path = _policy_file(out, entry["slug"], item["index"])
+            if path.exists():
+                frames.append(_read_prompt(path, item).assign(policy=entry["slug"]))
+    if legacy:
+        log.warning("%d prompt files in %s hold policy samples from an older bonbench among the pool's; they "
+                    "are left out (measure that policy again with --policy)", legacy, out / "samples")
+    return pd.concat(frames, ignore_index=True)[SAMPLE_COLUMNS] if frames else None
 
 
 def write_tables(out: Path, samples, per_prompt, summary) -> None:
@@ -497,11 +614,26 @@ def to_markdown(frame, digits: int = 4) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+def _sample_missing(todo: list[dict], cfg: MeasureConfig, desc: str, measure, path_of) -> None:
+    """Run ``measure(batch)`` over ``todo`` in batches, each prompt's rows to ``path_of(index)``."""
+    from tqdm import tqdm
+
+    tokens, start = 0, time.perf_counter()
+    with tqdm(total=len(todo), unit="prompt", desc=desc) as bar:
+        for s in range(0, len(todo), cfg.batch_prompts):
+            batch = todo[s : s + cfg.batch_prompts]
+            frame = measure(batch)
+            for item in batch:
+                _write_atomic(frame[frame["prompt_index"] == item["index"]], path_of(item["index"]))
+            tokens += int(frame["num_tokens"].sum())
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+
+
 def run(cfg: MeasureConfig):
     """Measure (resuming from ``cfg.out``), write the tables, return the summary DataFrame."""
     import pandas as pd
     import torch
-    from tqdm import tqdm
 
     from bonbench.rewards import load_reward
     from bonbench.tasks import load_task
@@ -511,32 +643,43 @@ def run(cfg: MeasureConfig):
     out = Path(cfg.out or f"runs/measure/{time.strftime('%Y%m%d-%H%M%S')}")
     pool = _resolve_pool(cfg, out)
     _check_resume(cfg, out, pool)
+    policy = register_policy(cfg, out) if cfg.policy else None
     data = load_task(cfg.task, cfg.split, cfg.limit or None)
     items = [{"index": i, "id": str(row["id"]), "document": row["document"]} for i, row in enumerate(data)]
-    todo = [item for item in items if not _prompt_file(out, item["index"]).exists()]
-    log.info("%s: %d prompts, %d already measured, %d to sample", out, len(items), len(items) - len(todo), len(todo))
+    pool_todo = [item for item in items if not _prompt_file(out, item["index"]).exists()]
+    policy_todo = [item for item in items if policy and not _policy_file(out, policy["slug"], item["index"]).exists()]
+    log.info("%s: %d prompts, %d with a reference pool, %d to sample", out, len(items),
+             len(items) - len(pool_todo), len(pool_todo))
+    if policy:
+        log.info("policy %s (%s): %d prompts measured, %d to sample", policy["slug"], cfg.policy,
+                 len(items) - len(policy_todo), len(policy_todo))
 
-    if todo:
-        models = load_models(cfg)
+    if pool_todo or policy_todo:
+        models = load_models(cfg, policy=bool(policy_todo))
         reward = load_reward(cfg.reward_model, device=cfg.device)
         if reward is None:
             raise ValueError("measure needs a reward model; --reward-model none has none")
-        tokens, start = 0, time.perf_counter()
-        with tqdm(total=len(todo), unit="prompt", desc="measure") as bar:
-            for s in range(0, len(todo), cfg.batch_prompts):
-                batch = todo[s : s + cfg.batch_prompts]
-                frame = measure_batch(models, reward, cfg, pool, batch)
-                for item in batch:
-                    _write_atomic(frame[frame["prompt_index"] == item["index"]], _prompt_file(out, item["index"]))
-                tokens += int(frame["num_tokens"].sum())
-                bar.update(len(batch))
-                bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        if pool_todo:
+            _sample_missing(pool_todo, cfg, "reference pool",
+                            lambda batch: measure_pool(models, reward, cfg, pool, batch),
+                            lambda index: _prompt_file(out, index))
+        if policy_todo:
+            slug = policy["slug"]
+            _sample_missing(policy_todo, cfg, f"policy {slug}",
+                            lambda batch: measure_policy(models, reward, cfg, slug, batch),
+                            lambda index: _policy_file(out, slug, index))
 
-    samples = load_samples(out, items)
-    per_prompt, summary = summarize(samples, cfg.ns, cfg.k)
+    policies = _read_run(out).get("policies", [])
+    samples = load_samples(out, items, policies)
+    covered = samples[samples["role"] == "policy"].groupby("policy")["prompt_index"].nunique()
+    for slug, count in covered.items():
+        if count < len(items):
+            log.warning("policy %s covers %d of the %d prompts; measure the rest with --policy %s", slug, count,
+                        len(items), next(e["path"] for e in policies if e["slug"] == slug))
+    per_prompt, summary = summarize(samples, cfg.ns, cfg.k, {e["slug"]: e["path"] for e in policies})
     write_tables(out, samples, per_prompt, summary)
     with pd.option_context("display.width", 250, "display.max_columns", None):
-        print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(summary.drop(columns="policy_path").to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\nwritten to {out}/ (summary, per_prompt, samples: .parquet and .csv; summary.md)")
     return summary
 

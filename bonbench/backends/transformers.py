@@ -39,11 +39,13 @@ class _Job:
         self.loop.call_soon_threadsafe(_set)
 
 
-def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu"):
+def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu", adapter_base: str | None = None):
     """Load a model and its tokenizer from a Hugging Face id or folder, ready for sampling.
 
     A folder holding a PEFT LoRA adapter (``adapter_config.json``, as ``distill`` saves) is loaded
-    onto its base model and merged, so a distilled policy serves and measures like any model.
+    onto its base model and merged, so a distilled policy serves and measures like any model. The
+    base is ``adapter_base`` if given (``bonbench measure`` puts the adapter on the reference it
+    compares with), else the one the adapter names.
     """
     import json
     from pathlib import Path
@@ -57,8 +59,10 @@ def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu"):
     if adapter.exists():
         from peft import PeftModel
 
-        base = json.loads(adapter.read_text())["base_model_name_or_path"]
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=pick_dtype(dtype, device))
+        declared = json.loads(adapter.read_text())["base_model_name_or_path"]
+        if adapter_base and adapter_base != declared:
+            log.info("LoRA adapter %s goes on %s (it names %s as its base)", path, adapter_base, declared)
+        model = AutoModelForCausalLM.from_pretrained(adapter_base or declared, dtype=pick_dtype(dtype, device))
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, device))
@@ -161,7 +165,7 @@ class TransformersBackend:
             except Exception as exc:  # one bad batch fails its requests, not the worker
                 log.exception("generation failed")
                 for job in batch:
-                    job.resolve(error=RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
+                    job.resolve(error=RuntimeError(f"{type(exc).__name__}: {exc}"))
                 continue
             for job, candidates in zip(batch, results):
                 job.resolve(candidates)

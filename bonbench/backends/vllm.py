@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from bonbench.backends.base import Candidate, Generation, Prompt, PromptTooLong, SamplingParams, is_chat
+from bonbench.backends.base import Candidate, Generation, Prompt, PromptTooLong, SamplingParams
 
 
 class VLLMBackend:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -88,7 +89,8 @@ def build_app(service: BestOfNService, api_key: str | None = None) -> FastAPI:
     async def guard(request: Request, call_next):
         started = time.perf_counter()
         path = request.url.path
-        if api_key and path.startswith("/v1/") and request.headers.get("authorization") != f"Bearer {api_key}":
+        if api_key and path.startswith("/v1/") and not hmac.compare_digest(
+                request.headers.get("authorization", "").encode(), f"Bearer {api_key}".encode()):
             response = JSONResponse(Unauthorized("missing or wrong API key", code="invalid_api_key").body(), 401)
         else:
             response = await call_next(request)

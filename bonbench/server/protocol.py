@@ -67,6 +67,7 @@ class _SamplingFields(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=0, description="alternatives are not reported: 0 only")
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     max_tokens: Optional[int] = Field(None, ge=1)
 
@@ -78,7 +79,8 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[str]]
     echo: bool = False
-    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    logprobs: Optional[int] = Field(None, ge=0, le=0, description="the sampled tokens' log-probabilities; "
+                                    "alternatives are not reported, so 0 only")
     max_tokens: Optional[int] = Field(None, ge=1)
 
     @property

@@ -204,7 +204,8 @@ class BestOfNService:
                 text = prompt + c.text if req.echo else c.text
                 choices.append(P.CompletionChoice(
                     index=p * req.n + k, text=text, finish_reason=c.finish_reason,
-                    logprobs=_completion_logprobs(c) if req.logprobs is not None else None,
+                    logprobs=_completion_logprobs(c, len(prompt) if req.echo else 0)
+                    if req.logprobs is not None else None,
                 ))
         return P.CompletionResponse(
             model=self.model_name, choices=choices, usage=_usage(selections),
@@ -276,8 +277,9 @@ def _chat_logprobs(c) -> P.ChatChoiceLogprobs:
     ])
 
 
-def _completion_logprobs(c) -> P.CompletionLogprobs:
-    offsets, pos = [], 0
+def _completion_logprobs(c, start: int = 0) -> P.CompletionLogprobs:
+    """The answer's tokens; ``start`` is where the answer begins in the returned text (echo)."""
+    offsets, pos = [], start
     for t in c.tokens:
         offsets.append(pos)
         pos += len(t)

@@ -19,6 +19,7 @@ from bonbench.measure import (
     duplicate_rate,
     log_quantile_theory,
     main,
+    policy_slug,
     prompt_stats,
     summarize,
 )
@@ -26,10 +27,10 @@ from bonbench.measure import (
 SUMMARY_COLUMNS = [
     "method", "n", "prompts", "reward", "reward_se", "log_quantile", "log_quantile_se", "log_quantile_theory",
     "win_rate", "win_low", "win_high", "win_pairs", "win_rate_all", "win_rate_theory", "kl_measured",
-    "kl_measured_se", "kl_analytic", "duplicate_rate", "tokens_per_request", "seconds_per_request",
+    "kl_measured_se", "kl_analytic", "duplicate_rate", "tokens_per_request", "seconds_per_request", "policy_path",
 ]
 SAMPLE_COLUMNS = [
-    "prompt_index", "prompt_id", "role", "sample_index", "text", "num_tokens", "finish_reason", "logprob",
+    "prompt_index", "prompt_id", "role", "policy", "sample_index", "text", "num_tokens", "finish_reason", "logprob",
     "ref_logprob", "sample_seconds", "reward", "reward_seconds", "created",
 ]
 TIMING = ["seconds_per_request"]
@@ -151,14 +152,20 @@ def test_writes_tables_with_sane_values(tiny_model_path, tmp_path, capsys):
     assert json.loads((out / "run.json").read_text())["settings"]["pool"] == 2
     assert "BoN-2" in capsys.readouterr().out
 
+    slug = policy_slug(tiny_model_path)
     assert list(summary.columns) == SUMMARY_COLUMNS
-    assert summary["method"].tolist() == ["BoN-1", "BoN-2", "policy"]
+    assert summary["method"].tolist() == ["BoN-1", "BoN-2", f"policy:{slug}"]
+    assert summary["policy_path"].tolist() == ["", "", tiny_model_path]
     assert list(samples.columns) == SAMPLE_COLUMNS
     assert len(samples) == 3 * (4 + 2 + 2)
     assert samples.groupby("role").size().to_dict() == {"reference": 12, "candidate": 6, "policy": 6}
+    assert (samples["policy"] == samples["role"].map({"policy": slug}).fillna("")).all()
+    assert sorted(p.name for p in (out / "samples" / f"policy-{slug}").iterdir()) == [
+        f"prompt-0000{i}.parquet" for i in range(3)]
     per_prompt = pd.read_parquet(out / "per_prompt.parquet")
     assert len(per_prompt) == 3 * 3 and per_prompt["prompt_id"].nunique() == 3
-    pd.testing.assert_frame_equal(pd.read_csv(out / "summary.csv"), summary, check_dtype=False)
+    csv = pd.read_csv(out / "summary.csv").fillna({"policy_path": ""})
+    pd.testing.assert_frame_equal(csv, summary, check_dtype=False)
 
     assert ((summary["win_rate"] >= 0) & (summary["win_rate"] <= 1)).all()
     assert ((summary["win_low"] <= summary["win_rate"]) & (summary["win_rate"] <= summary["win_high"])).all()
@@ -172,27 +179,69 @@ def test_writes_tables_with_sane_values(tiny_model_path, tmp_path, capsys):
     # The policy is the reference itself: log π − log π_ref vanishes sample by sample.
     policy = samples[samples["role"] == "policy"]
     assert (policy["logprob"] - policy["ref_logprob"]).abs().max() < 1e-3
-    assert abs(summary.set_index("method").loc["policy", "kl_measured"]) < 1e-3
+    assert abs(summary.set_index("method").loc[f"policy:{slug}", "kl_measured"]) < 1e-3
+    assert json.loads((out / "run.json").read_text())["policies"] == [
+        {"slug": slug, "path": tiny_model_path, "resolved": tiny_model_path, "policy_samples": 2}]
 
 
-def test_resume_samples_only_new_prompts_and_matches_a_fresh_run(tiny_model_path, tmp_path):
-    extra = ("--policy", tiny_model_path, "--policy-samples", "2")
-    out = tmp_path / "resumed"
-    _, first = _run(tiny_model_path, out, *extra, limit=2)
-    files = {p.name: p.stat().st_mtime_ns for p in (out / "samples").iterdir()}
-    assert sorted(files) == ["prompt-00000.parquet", "prompt-00001.parquet"]
+def _snapshot(folder):
+    """Every sample file under ``folder``: (modification time, bytes) by relative path."""
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*.parquet")}
 
-    summary, samples = _run(tiny_model_path, out, *extra, limit=3)
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "samples").iterdir() if p.name in files} == files
-    old = samples[samples["prompt_index"] < 2].reset_index(drop=True)
-    pd.testing.assert_frame_equal(old, first)  # same rows, same creation times: not sampled again
-    assert samples.loc[samples["prompt_index"] == 2, "created"].min() > first["created"].max()
-    assert len(samples) == 3 * 8
 
-    fresh_summary, fresh_samples = _run(tiny_model_path, tmp_path / "fresh", *extra, limit=3)
+def test_policies_join_an_existing_pool_without_redrawing_it(tiny_model_path, tmp_path):
+    """Best-of-N first; then two policies against the same pool, each in files of its own; then a
+    grown --limit: only the new prompt is sampled, and the result is that of a fresh run."""
+    from bonbench.models import save_random_model
+
+    other = str(save_random_model(tmp_path / "other" / "policy", "tiny", seed=1))
+    same, slug = policy_slug(tiny_model_path), policy_slug(other)
+    assert slug == "other-policy" and same != slug
+    out = tmp_path / "run"
+    _, bon_only = _run(tiny_model_path, out, limit=2)
+    pool = _snapshot(out / "samples")
+    assert sorted(pool) == ["prompt-00000.parquet", "prompt-00001.parquet"]
+
+    # the reference itself as the policy: only its own files are written
+    summary, samples = _run(tiny_model_path, out, "--policy", tiny_model_path, "--policy-samples", "2", limit=2)
+    files = _snapshot(out / "samples")
+    assert {name: files[name] for name in pool} == pool
+    assert sorted(set(files) - set(pool)) == [f"policy-{same}/prompt-0000{i}.parquet" for i in range(2)]
+    pd.testing.assert_frame_equal(samples[samples["role"] != "policy"].reset_index(drop=True), bon_only)
+    assert summary["method"].tolist() == ["BoN-1", "BoN-2", f"policy:{same}"]
+    assert summary["policy_path"].tolist() == ["", "", tiny_model_path]
+    assert summary["win_pairs"].iloc[2] == 2 * 2 and abs(summary["kl_measured"].iloc[2]) < 1e-3
+
+    # a second policy adds a second row and touches nothing else
+    summary, samples = _run(tiny_model_path, out, "--policy", other, "--policy-samples", "3", limit=2)
+    more = _snapshot(out / "samples")
+    assert {name: more[name] for name in files} == files
+    assert sorted(set(more) - set(files)) == [f"policy-{slug}/prompt-0000{i}.parquet" for i in range(2)]
+    assert summary["method"].tolist() == ["BoN-1", "BoN-2", f"policy:{same}", f"policy:{slug}"]
+    assert summary["policy_path"].tolist() == ["", "", tiny_model_path, other]
+    theirs = samples[samples["policy"] == slug]
+    assert len(theirs) == 2 * 3 and (theirs["logprob"] - theirs["ref_logprob"]).abs().min() > 1e-3
+    assert [p["slug"] for p in json.loads((out / "run.json").read_text())["policies"]] == [same, slug]
+    with pytest.raises(ValueError, match="drawn with --policy-samples 3, not 2"):
+        _run(tiny_model_path, out, "--policy", other, "--policy-samples", "2", limit=2)
+
+    # resume with a grown --limit: the new prompt's pool and the policy's samples of it, nothing else
+    summary, samples = _run(tiny_model_path, out, "--policy", tiny_model_path, "--policy-samples", "2", limit=3)
+    last = _snapshot(out / "samples")
+    assert {name: last[name] for name in more} == more
+    assert sorted(set(last) - set(more)) == [f"policy-{same}/prompt-00002.parquet", "prompt-00002.parquet"]
+    new = samples[samples["prompt_index"] == 2]
+    assert new["created"].min() > samples.loc[samples["prompt_index"] < 2, "created"].max()
+    assert summary.set_index("method")["prompts"].to_dict() == {
+        "BoN-1": 3, "BoN-2": 3, f"policy:{same}": 3, f"policy:{slug}": 2}
+
+    fresh_summary, fresh_samples = _run(tiny_model_path, tmp_path / "fresh", "--policy", tiny_model_path,
+                                        "--policy-samples", "2", limit=3)
     columns = [c for c in SAMPLE_COLUMNS if c not in ("created", "sample_seconds", "reward_seconds")]
-    pd.testing.assert_frame_equal(samples[columns], fresh_samples[columns])
-    pd.testing.assert_frame_equal(summary.drop(columns=TIMING), fresh_summary.drop(columns=TIMING))
+    ours = samples[samples["policy"] != slug].reset_index(drop=True)
+    pd.testing.assert_frame_equal(ours[columns], fresh_samples[columns])
+    ours = summary[summary["method"] != f"policy:{slug}"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(ours.drop(columns=TIMING), fresh_summary.drop(columns=TIMING))
 
 
 def test_resume_refuses_other_settings_and_ns_beyond_the_pool(tiny_model_path, tmp_path):
@@ -201,6 +250,9 @@ def test_resume_refuses_other_settings_and_ns_beyond_the_pool(tiny_model_path, t
     with pytest.raises(ValueError, match=r"other settings \(k: 4 -> 5\)"):
         main(["--model", tiny_model_path, "--reward-model", HASHED, "--limit", "1", "--ns", "1", "2", "--k", "5",
               "--max-tokens", "6", "--out", str(out)])
+    with pytest.raises(ValueError, match=r"other settings \(max_tokens: 6 -> 7\)"):  # a policy changes no pool
+        main(["--model", tiny_model_path, "--reward-model", HASHED, "--limit", "1", "--ns", "1", "2", "--k", "4",
+              "--max-tokens", "7", "--policy", tiny_model_path, "--out", str(out)])
     with pytest.raises(ValueError, match="too few for Best-of-4"):
         main(["--model", tiny_model_path, "--reward-model", HASHED, "--limit", "1", "--ns", "4", "--k", "4",
               "--max-tokens", "6", "--out", str(out)])
@@ -236,7 +288,7 @@ def test_lora_adapter_policy_is_loaded_on_the_reference(tiny_model_path, tmp_pat
     policy = samples[samples["role"] == "policy"]
     gap = policy["logprob"] - policy["ref_logprob"]
     assert len(policy) == 9 and gap.abs().min() > 1e-3  # a different policy from the reference
-    kl = summary.set_index("method").loc["policy", "kl_measured"]
+    kl = summary.set_index("method").loc[f"policy:{policy_slug(str(adapter))}", "kl_measured"]
     assert np.isfinite(kl) and kl > 0
 
 
@@ -269,11 +321,12 @@ def test_embedded_default_end_to_end(default_model_path, tmp_path):
           "--limit", "2", "--ns", "1", "2", "--k", "4", "--max-tokens", "24", "--out", str(out)])
     summary = pd.read_parquet(out / "summary.parquet").set_index("method")
     samples = pd.read_parquet(out / "samples.parquet")
-    assert summary.index.tolist() == ["BoN-1", "BoN-2", "policy"]
+    slug = policy_slug(default_model_path)
+    assert summary.index.tolist() == ["BoN-1", "BoN-2", f"policy:{slug}"]
     assert len(samples) == 2 * (4 + 2 + 2)
     assert samples["reward"].between(-1, 1).all() and samples["num_tokens"].between(1, 24).all()
     assert (samples["text"].str.len() > 0).any()
     assert ((summary["win_low"] <= summary["win_rate"]) & (summary["win_rate"] <= summary["win_high"])).all()
     policy = samples[samples["role"] == "policy"]
     assert (policy["logprob"] - policy["ref_logprob"]).abs().max() < 1e-3
-    assert abs(summary.loc["policy", "kl_measured"]) < 1e-3
+    assert abs(summary.loc[f"policy:{slug}", "kl_measured"]) < 1e-3

@@ -73,7 +73,7 @@ def test_n_above_the_servers_default_draws_n_candidates(tiny_server):
 
 def test_completion_returns_the_best_candidate_with_correct_usage(tiny_server, tiny_tokenizer):
     prompt = "The weather in the valley today is"
-    reply = tiny_server.client().completions.create(model=TINY_NAME, prompt=prompt, max_tokens=7, n=2,
+    reply = tiny_server.client().completions.create(model=TINY_NAME, prompt=prompt, max_tokens=7, n=2, seed=6,
                                                     extra_body={"best_of": 5, "return_candidates": True})
     assert reply.object == "text_completion"
     bon = _bon(reply)
@@ -89,7 +89,7 @@ def test_completion_returns_the_best_candidate_with_correct_usage(tiny_server, t
 
 def test_completion_with_a_list_of_prompts_answers_each_prompt_in_order(tiny_server, tiny_tokenizer):
     prompts = ["Once upon a time", "The stock market", "In 1999 the team"]
-    reply = tiny_server.client().completions.create(model=TINY_NAME, prompt=prompts, max_tokens=5, n=2,
+    reply = tiny_server.client().completions.create(model=TINY_NAME, prompt=prompts, max_tokens=5, n=2, seed=7,
                                                     extra_body={"return_candidates": True})
     bons = reply.model_extra["bon"]
     assert len(bons) == 3 and len(reply.choices) == 6
@@ -152,7 +152,7 @@ def test_stop_string_applies_to_chat(tiny_server):
 
 def test_finish_reason_is_length_when_max_tokens_is_reached(tiny_server):
     reply = tiny_server.client().chat.completions.create(model=TINY_NAME, messages=MESSAGES, max_tokens=3,
-                                                         extra_body={"return_candidates": True})
+                                                         seed=10, extra_body={"return_candidates": True})
     assert reply.choices[0].finish_reason == "length"
     assert all(c["num_tokens"] == 3 for c in _bon(reply)["candidates"])
 
@@ -180,6 +180,17 @@ def test_completion_logprobs_zero_still_returns_each_chosen_token(tiny_server):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 6
     assert sum(lp.token_logprobs) == pytest.approx(best["logprob"], abs=1e-4)
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+
+
+def test_echo_returns_prompt_and_answer_with_offsets_into_the_whole_text(tiny_server):
+    prompt = "Hello there"
+    reply = tiny_server.client().completions.create(model=TINY_NAME, prompt=prompt, max_tokens=5, logprobs=0,
+                                                    echo=True, seed=4)
+    choice = reply.choices[0]
+    assert choice.text.startswith(prompt)
+    lp = choice.logprobs
+    assert len(lp.text_offset) == 5
+    assert lp.text_offset == [len(prompt) + sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
 
 
 def test_models_lists_the_served_model(tiny_server):

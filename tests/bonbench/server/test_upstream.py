@@ -41,7 +41,7 @@ def _bon(reply) -> dict:
 def test_front_chat_scores_four_upstream_candidates_with_their_token_counts_and_logprobs(front_server, tiny_tokenizer):
     # The front's first request: its upstream connection must work on the server's own event loop.
     reply = front_server.client().chat.completions.create(model=TINY_NAME, messages=MESSAGES, max_tokens=6,
-                                                          extra_body={"return_candidates": True})
+                                                          seed=1, extra_body={"return_candidates": True})
     bon = _bon(reply)
     assert bon["best_of"] == 4 and bon["reward_model"] == "default"
     assert len(bon["candidates"]) == 4
@@ -59,7 +59,7 @@ def test_front_chat_scores_four_upstream_candidates_with_their_token_counts_and_
 def test_front_completion_scores_four_upstream_candidates_with_their_token_counts_and_logprobs(front_server,
                                                                                                tiny_tokenizer):
     prompts = ["The river", "A small town"]
-    reply = front_server.client().completions.create(model=TINY_NAME, prompt=prompts, max_tokens=5, n=2,
+    reply = front_server.client().completions.create(model=TINY_NAME, prompt=prompts, max_tokens=5, n=2, seed=2,
                                                      extra_body={"return_candidates": True})
     bons = reply.model_extra["bon"]
     assert len(bons) == 2 and len(reply.choices) == 4
