@@ -28,10 +28,10 @@ class TrainConfig:
     eval_prompts: int = field(16, "held-out prompts per evaluation (0: no evaluation)")
     eval_k: int = field(8, "reference samples per evaluation prompt (for quantiles and win rate)")
     # -- optimisation -------------------------------------------------------------------------
-    steps: int = field(20, "optimiser steps")
+    steps: int = field(24, "optimiser steps")
     batch_prompts: int = field(8, "prompts per optimiser step (split over grad_accum micro-batches)")
     grad_accum: int = field(1, "micro-batches per optimiser step")
-    lr: float = field(5e-4, "Adam learning rate (LoRA: ~1e-4..5e-4; full fine-tuning: ~1e-6..1e-5)")
+    lr: float = field(3e-4, "Adam learning rate (LoRA: ~1e-4..5e-4; full fine-tuning: ~1e-6..1e-5)")
     warmup_steps: int = field(4, "linear learning-rate warm-up")
     max_grad_norm: float = field(1.0, "gradient clipping (0: off)")
     max_tokens: int = field(40, "tokens per sampled answer")
@@ -39,7 +39,7 @@ class TrainConfig:
     seed: int = field(0, "seed for data order, sampling and initialisation")
     # -- bookkeeping --------------------------------------------------------------------------
     out: str = field("runs/distill", "run folder: checkpoints, metrics.jsonl, TensorBoard events, eval")
-    eval_every: int = field(10, "evaluate every N steps (and at the start and the end)")
+    eval_every: int = field(12, "evaluate every N steps (and at the start and the end)")
     save_every: int = field(10, "checkpoint every N steps (and at the end)")
     resume: bool = field(True, "continue from the run folder's checkpoint if there is one")
     threads: int = field(0, "torch CPU threads (0: torch's default)")

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(JBondConfig, argv, prog="python -m distill.jbond", description=__doc__.split("\n\n")[0])
     out = train(cfg, JBond(cfg))
     print(f"done: policy in {out / 'policy'}, metrics in {out / 'metrics.jsonl'}; compare it with Best-of-N:\n"
-          f"  python -m bonbench measure --policy {out / 'policy'} --ns 1 2 4 8")
+          f"  python -m bonbench measure --out reports/measure-default --split test --limit 40 --ns 1 2 4 8 "
+          f"--k 16 --max-tokens 48 --policy {out / 'policy'}")
 
 
 if __name__ == "__main__":

@@ -54,12 +54,14 @@ def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu", adapter_
 
     from bonbench.models import pick_dtype
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
     adapter = Path(path) / "adapter_config.json"
+    declared = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else None
+    # an adapter saved by peft alone has no tokenizer: the base's is the one it was trained with
+    bare = adapter.exists() and not (Path(path) / "tokenizer_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained((adapter_base or declared) if bare else path)
     if adapter.exists():
         from peft import PeftModel
 
-        declared = json.loads(adapter.read_text())["base_model_name_or_path"]
         if adapter_base and adapter_base != declared:
             log.info("LoRA adapter %s goes on %s (it names %s as its base)", path, adapter_base, declared)
         model = AutoModelForCausalLM.from_pretrained(adapter_base or declared, dtype=pick_dtype(dtype, device))
