@@ -167,14 +167,28 @@ def test_step_indices_cover_each_epoch_once_in_a_seeded_order():
     assert seen != [i for s in range(5) for i in step_indices(10, 4, s, seed=4)]
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_yaml_builds_its_config(path):
-    cls = {"jbond": JBondConfig, "bond": BondConfig, "iterative_bond": BondConfig, "vbon": BondConfig,
-           "bon_sft": BondConfig, "rloo": RlooConfig, "bonbon": BonBonConfig}.get(path.stem)
-    if cls is None:
-        pytest.skip(f"{path.name} is not a recipe config")
-    cfg = cls(**load_yaml(cls, path))
+RECIPE_YAMLS = {"jbond": JBondConfig, "bond": BondConfig, "iterative_bond": BondConfig, "vbon": BondConfig,
+                "bon_sft": BondConfig, "rloo": RlooConfig, "bonbon": BonBonConfig}
+ACCELERATE_YAMLS = {"accelerate_ddp"}
+
+
+def test_every_shipped_yaml_is_a_recipe_or_an_accelerate_config():
+    shipped = {p.stem for p in CONFIGS.glob("*.yaml")}
+    assert shipped == set(RECIPE_YAMLS) | ACCELERATE_YAMLS
+
+
+@pytest.mark.parametrize("stem", sorted(RECIPE_YAMLS))
+def test_every_recipe_yaml_builds_its_config(stem):
+    cls = RECIPE_YAMLS[stem]
+    cfg = cls(**load_yaml(cls, CONFIGS / f"{stem}.yaml"))
     assert isinstance(cfg, cls)
+
+
+def test_accelerate_config_is_data_parallel_on_one_machine():
+    import yaml
+
+    data = yaml.safe_load((CONFIGS / "accelerate_ddp.yaml").read_text())
+    assert data["distributed_type"] == "MULTI_GPU" and data["num_machines"] == 1 and not data["use_cpu"]
 
 
 def test_bad_configs_are_refused_with_a_reason(capsys):
