@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bonbench.config import field, parse_config
+from bonbench.config import field
 from distill.config import TrainConfig
-from distill.loop import Batch, Context, train
+from distill.loop import Batch, Context, run_recipe
 from distill.losses import LossOutput, bonbon_loss, strict_ranks
 
 
@@ -58,11 +58,7 @@ class BonBon:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = parse_config(BonBonConfig, argv, prog="python -m distill.bonbon", description=__doc__.split("\n\n")[0])
-    train(cfg, BonBon(cfg))
+    run_recipe(BonBonConfig, BonBon, argv, "python -m distill.bonbon", __doc__)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from bonbench import bon
-from bonbench.config import field, parse_config
+from bonbench.config import field
 from distill.config import TrainConfig
-from distill.loop import Batch, Context, train
+from distill.loop import Batch, Context, run_recipe
 from distill.losses import LossOutput, best_of_n_weights, bond_loss
 
 
@@ -96,11 +96,7 @@ class Bond:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = parse_config(BondConfig, argv, prog="python -m distill.bond", description=__doc__.split("\n\n")[0])
-    train(cfg, Bond(cfg))
+    run_recipe(BondConfig, Bond, argv, "python -m distill.bond", __doc__)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bonbench.config import field, parse_config
+from bonbench.config import field
 from distill.config import TrainConfig
-from distill.loop import Batch, Context, train
+from distill.loop import Batch, Context, run_recipe
 from distill.losses import LossOutput, jbond_loss
 
 
@@ -84,11 +84,7 @@ class JBond:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = parse_config(JBondConfig, argv, prog="python -m distill.jbond", description=__doc__.split("\n\n")[0])
-    out = train(cfg, JBond(cfg))
+    out = run_recipe(JBondConfig, JBond, argv, "python -m distill.jbond", __doc__)
     print(f"done: policy in {out / 'policy'}, metrics in {out / 'metrics.jsonl'}; compare it with Best-of-N:\n"
           f"  python -m bonbench measure --out reports/measure-default --split test --limit 40 --ns 1 2 4 8 "
           f"--k 16 --max-tokens 48 --policy {out / 'policy'}")

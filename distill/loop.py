@@ -295,3 +295,12 @@ def train(cfg: TrainConfig, recipe: Recipe, ctx: Context | None = None) -> Path:
         log.info("policy saved in %s", out / "policy")
     acc.wait_for_everyone()
     return out
+
+
+def run_recipe(config_cls: type, recipe_cls: type, argv: list[str] | None, prog: str, doc: str) -> Path:
+    """A recipe's command line: logging, the config from flags and YAML, then ``train``."""
+    from bonbench.config import parse_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = parse_config(config_cls, argv, prog=prog, description=doc.split("\n\n")[0])
+    return train(cfg, recipe_cls(cfg))

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bonbench.config import field, parse_config
+from bonbench.config import field
 from distill.config import TrainConfig
-from distill.loop import Batch, Context, train
+from distill.loop import Batch, Context, run_recipe
 from distill.losses import LossOutput, rloo_loss
 
 
@@ -51,11 +51,7 @@ class Rloo:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = parse_config(RlooConfig, argv, prog="python -m distill.rloo", description=__doc__.split("\n\n")[0])
-    train(cfg, Rloo(cfg))
+    run_recipe(RlooConfig, Rloo, argv, "python -m distill.rloo", __doc__)
 
 
 if __name__ == "__main__":
