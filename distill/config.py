@@ -19,6 +19,7 @@ class TrainConfig:
                                     "modules that get LoRA adapters")
     lora_top_layers: int = field(8, "LoRA on the top L transformer layers only (0: all). Exact, and cheap: "
                                     "the frozen layers below build no autograd graph")
+    generation: str = field("transformers", "sampling engine: 'transformers' (in-process) or 'vllm' (GPU)")
     dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16")
     device: str = field("auto", "auto (cuda if available, else cpu), cpu or cuda")
     # -- data ---------------------------------------------------------------------------------

@@ -87,6 +87,7 @@ def build_context(cfg: TrainConfig, recipe: Recipe) -> Context:
     from bonbench.backends.transformers import load_causal_lm
     from bonbench.models import resolve_policy
     from bonbench.rewards import load_reward
+    from distill.generation import make_generator
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -103,6 +104,7 @@ def build_context(cfg: TrainConfig, recipe: Recipe) -> Context:
                         lora_targets=cfg.lora_targets, lora_top_layers=cfg.lora_top_layers,
                         with_anchor=recipe.needs_anchor)
     policies.prepare(accelerator)
+    policies.generator = make_generator(cfg, policies)
     reward = load_reward(cfg.reward_model, device=device)
     if reward is None:
         raise ValueError("distillation needs a reward model; --reward-model none is for serving")
@@ -276,6 +278,7 @@ def train(cfg: TrainConfig, recipe: Recipe, ctx: Context | None = None) -> Path:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         recipe.after_step(ctx, step + 1)
+        ctx.policies.weights_changed()
         row = _mean_over_processes(acc, {**sums, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                                          "step_s": time.perf_counter() - started, **ctx.timings})
         last = step + 1 == cfg.steps

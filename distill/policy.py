@@ -48,6 +48,8 @@ class Policies:
             self.ref_model = copy.deepcopy(model).requires_grad_(False)
             self.anchor_model = copy.deepcopy(model).requires_grad_(False) if with_anchor else None
         self.train_model = self.model
+        self.generator = None  # set by distill.generation: samples come from another engine (vLLM)
+        self.version = 0  # bumped whenever the policy's or the anchor's weights change
         self.model.eval()  # no dropout: sampled and scored log-probabilities are the same policy
 
     # -- roles ------------------------------------------------------------------------------
@@ -73,6 +75,8 @@ class Policies:
 
     def sample(self, role: Role, prompts: list[list[int]], n: int, max_tokens: int, seed: int) -> list[list[Candidate]]:
         """``n`` answers per prompt from the role's policy (temperature 1, top_p 1: log-probs are log pi)."""
+        if self.generator is not None:
+            return self.generator.sample(self, role, prompts, n, max_tokens, seed)
         requests = [SampleRequest(p, SamplingParams(n=n, max_tokens=max_tokens, seed=seed * 100_003 + i))
                     for i, p in enumerate(prompts)]
         with self._role(role) as model:
@@ -92,6 +96,10 @@ class Policies:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def weights_changed(self) -> None:
+        """Called after every optimiser step and anchor update: an external generator re-syncs."""
+        self.version += 1
 
     # -- the anchor ---------------------------------------------------------------------------
 
