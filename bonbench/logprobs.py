@@ -9,12 +9,15 @@ the log π / log π_ref that the KL estimates of ``bonbench measure`` and the di
 need (MATH.md §3, §6). Called under ``torch.no_grad()`` it is an evaluation; called without, the
 result carries gradients and serves training.
 
-Batching: pairs are sorted by length, cut into batches of ``batch_size``, and each batch is laid
-out with its prompts LEFT-padded and its answers RIGHT-padded, so every answer starts in the same
-column and only the logits of the answer columns are computed (``logits_to_keep``), never the
+Batching: pairs that share a prompt are scored together and the prompt is run once: a first pass
+over the distinct prompts (unpadded, ``bonbench.backends.prefill``) fills a KV cache, which is copied to each of the prompt's
+answers for a second pass over the answers (RIGHT-padded). Samplers hand over k answers per
+prompt, so the prompt, usually much longer than the answers, costs one forward instead of k; with
+gradients on, the gradient through the prompt's keys and values is kept (the copies are indexing,
+which autograd follows). Only the logits of answer positions are computed, never the
 ``(batch, sequence, vocabulary)`` tensor of the whole sequence. Position ids count real tokens
-only, so a pair's result does not depend on the padding it received or on its batch neighbours
-(up to float rounding).
+only, so a pair's result does not depend on the padding it received, its batch neighbours or
+how many answers its prompt has (up to float rounding).
 """
 
 from __future__ import annotations
@@ -24,41 +27,44 @@ from typing import Sequence
 import torch
 
 from bonbench.backends.base import Prompt
+from bonbench.backends.prefill import prefill
 
 __all__ = ["sequence_logprobs", "answer_logprobs"]
 
 
-def _layout(prompt_ids: Sequence[list[int]], answer_ids: Sequence[list[int]], pad_id: int):
-    """Left-padded prompts next to right-padded answers.
-
-    Returns ``(input_ids, attention_mask, answer_mask)``: the first two ``(B, Wp + Wa)``, the
-    last ``(B, Wa)`` marking the real answer tokens, which sit in columns ``Wp .. Wp + Wa - 1``.
-    """
-    width_p = max(len(p) for p in prompt_ids)
-    width_a = max(len(a) for a in answer_ids)
-    batch = len(prompt_ids)
-    ids = torch.full((batch, width_p + width_a), pad_id, dtype=torch.long)
-    mask = torch.zeros((batch, width_p + width_a), dtype=torch.long)
-    for i, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
-        ids[i, width_p - len(p) : width_p] = torch.tensor(p, dtype=torch.long)
-        ids[i, width_p : width_p + len(a)] = torch.tensor(a, dtype=torch.long)
-        mask[i, width_p - len(p) : width_p + len(a)] = 1
-    return ids, mask, mask[:, width_p:].bool()
+def _pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` of shape ``(len(rows), longest)``, padded on the right."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
 
 
-def _batch_logprobs(model, prompt_ids, answer_ids, pad_id: int) -> torch.Tensor:
+def _batch_logprobs(model, prompts: list[list[int]], answers: list[list[int]], owner: list[int],
+                    pad_id: int) -> torch.Tensor:
+    """Log-probs of ``answers[j]`` given ``prompts[owner[j]]``: one pass per distinct prompt, then
+    one pass over all answers on copies of their prompt's cache."""
     device = next(model.parameters()).device
-    ids, mask, answer_mask = _layout(prompt_ids, answer_ids, pad_id)
-    width_a = answer_mask.shape[1]
-    ids, mask, answer_mask = ids.to(device), mask.to(device), answer_mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    # The logits at column c predict the token in column c + 1: the answer's Wa tokens are
-    # predicted by the Wa columns ending one before the last.
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                logits_to_keep=width_a + 1)
-    logits = out.logits[:, :-1, :].float()
-    token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, -width_a:, None]).squeeze(-1)
-    return (token_logprobs * answer_mask).sum(-1)
+    a_ids, a_mask = (t.to(device) for t in _pad(answers, pad_id))
+    index = torch.tensor(owner, device=device)
+    done = prefill(model, prompts, pad_id)
+    first = done.logits[index, None, :]  # predicts each answer's first token
+    p_mask, cache = done.mask, done.cache
+    cache.batch_select_indices(index)
+    lengths = p_mask.sum(-1, keepdim=True)[index]
+    mask = torch.cat([p_mask[index], a_mask], dim=-1)
+    if a_ids.shape[1] > 1:  # the last answer token predicts nothing that is scored
+        rest = model(input_ids=a_ids[:, :-1], attention_mask=mask[:, :-1],
+                     position_ids=lengths + torch.arange(a_ids.shape[1] - 1, device=device),
+                     past_key_values=cache, use_cache=True).logits
+        logits = torch.cat([first, rest], dim=1)
+    else:
+        logits = first
+    token_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, a_ids[..., None]).squeeze(-1)
+    return (token_logprobs * a_mask).sum(-1)
 
 
 def sequence_logprobs(
@@ -77,7 +83,7 @@ def sequence_logprobs(
         answer_ids: ``P`` lists of token ids, scored token by token; include the EOS token where
             the answer ended with one (its probability is part of log π(answer)). An empty answer
             scores 0.
-        batch_size: pairs per forward pass.
+        batch_size: answers per forward pass.
 
     Returns:
         float32 tensor of shape ``(P,)`` on the model's device, in input order. It carries
@@ -94,14 +100,25 @@ def sequence_logprobs(
     if pad_id is None:
         raise ValueError("the tokenizer defines neither a pad nor an EOS token to pad with")
 
-    # Sort by length so a batch's rows need little padding; results go back to input order.
-    order = sorted((i for i in range(len(answer_ids)) if answer_ids[i]),
-                   key=lambda i: (len(prompt_ids[i]) + len(answer_ids[i]), i))
-    parts = [
-        _batch_logprobs(model, [list(prompt_ids[i]) for i in chunk], [list(answer_ids[i]) for i in chunk], pad_id)
-        for chunk in (order[s : s + batch_size] for s in range(0, len(order), batch_size))
-    ]
+    # Group answers by prompt; sort groups by length so a batch's rows need little padding. A
+    # batch takes whole groups up to ``batch_size`` answers; results go back to input order.
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in range(len(answer_ids)):
+        if answer_ids[i]:
+            groups.setdefault(tuple(prompt_ids[i]), []).append(i)
+    split = [(p, m[s : s + batch_size]) for p, m in groups.items() for s in range(0, len(m), batch_size)]
+    ordered = sorted(split, key=lambda pm: (len(pm[0]) + max(len(answer_ids[i]) for i in pm[1]), pm[1][0]))
     out = torch.zeros(len(answer_ids), device=device)
+    order, parts = [], []
+    while ordered:
+        chunk = [ordered.pop(0)]
+        while ordered and sum(len(m) for _, m in chunk) + len(ordered[0][1]) <= batch_size:
+            chunk.append(ordered.pop(0))
+        members = [i for _, m in chunk for i in m]
+        owner = [g for g, (_, m) in enumerate(chunk) for _ in m]
+        parts.append(_batch_logprobs(model, [list(p) for p, _ in chunk], [list(answer_ids[i]) for i in members],
+                                     owner, pad_id))
+        order.extend(members)
     if not parts:
         return out
     return out.index_put((torch.tensor(order, device=device),), torch.cat(parts))

@@ -46,11 +46,10 @@ class Evaluator:
 
     def run(self, seed: int) -> dict[str, float]:
         refs = self.reference_rewards(seed)
-        samples = [row[0] for row in self.ctx.sample("policy", self.prompts, 1, seed=seed + 11)]
+        samples = [row[0] for row in self.ctx.sample("policy", self.prompts, 1, seed=seed + 11, score_under=("ref",))]
         rewards = self.ctx.score(self.prompts.messages, [c.text for c in samples]).numpy()
-        answers = [c.token_ids for c in samples]
         policy_lp = np.array([c.logprob for c in samples])
-        ref_lp = self.ctx.policies.logprobs("ref", self.prompts.ids, answers).double().numpy()
+        ref_lp = np.array([c.logprob_under["ref"] for c in samples])
         win = bon.win_rate(rewards, refs[:, 0])
         all_refs = bon.win_rate(np.repeat(rewards, refs.shape[1]), refs.reshape(-1))
         return {

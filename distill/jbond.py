@@ -31,6 +31,7 @@ import torch
 from bonbench.config import field
 from distill.config import TrainConfig
 from distill.loop import Batch, Context, run_recipe
+from distill.policy import Draw
 from distill.losses import LossOutput, jbond_loss
 
 
@@ -59,8 +60,10 @@ class JBond:
 
     def loss(self, ctx: Context, batch: Batch, seed: int) -> LossOutput:
         p = len(batch.ids)
-        ys = [row[0] for row in ctx.sample("policy", batch, 1, seed)]
-        anchors = ctx.sample("anchor", batch, 2, seed + 500_009)
+        # One batch for both roles; log pi_anchor(y) comes from a shadow row while y is drawn.
+        ys, anchors = ctx.sample_together(batch, [Draw("policy", 1, seed, score_under=("anchor",)),
+                                                  Draw("anchor", 2, seed + 500_009)])
+        ys = [row[0] for row in ys]
         texts = [c.text for c in ys] + [c.text for row in anchors for c in row]
         rewards = ctx.score(batch.messages + [m for m in batch.messages for _ in range(2)], texts)
         policy_rewards, anchor_rewards = rewards[:p], rewards[p:].view(p, 2)
@@ -70,7 +73,7 @@ class JBond:
         y_ids = [c.token_ids for c in ys]
         with_grad = ctx.policies.logprobs("policy", batch.ids * 2, y_ids + best_ids, grad=True)
         policy_lp, best_lp = with_grad[:p], with_grad[p:]
-        anchor_lp = ctx.policies.logprobs("anchor", batch.ids, y_ids)
+        anchor_lp = torch.tensor([c.logprob_under["anchor"] for c in ys], dtype=policy_lp.dtype)
         anchor_sample_lp = torch.zeros(p, 2, dtype=best_lp.dtype)
         anchor_sample_lp = anchor_sample_lp.scatter(1, best[:, None], best_lp[:, None])
         out = jbond_loss(policy_lp, anchor_lp, policy_rewards.to(policy_lp.dtype), anchor_rewards,

@@ -28,7 +28,7 @@ from bonbench.backends.base import Prompt
 from bonbench.rewards.base import RewardModel, checked_scores
 from distill.config import TrainConfig
 from distill.losses import LossOutput
-from distill.policy import Policies
+from distill.policy import Draw, Policies
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,13 @@ class Context:
         self.timings["reward_s"] = self.timings.get("reward_s", 0.0) + time.perf_counter() - started
         return torch.tensor(scores, dtype=torch.float64)
 
-    def sample(self, role, batch: Batch, n: int, seed: int):
+    def sample(self, role, batch: Batch, n: int, seed: int, score_under: tuple = ()):
+        return self.sample_together(batch, [Draw(role, n, seed, score_under)])[0]
+
+    def sample_together(self, batch: Batch, draws: Sequence[Draw]):
+        """Per draw, the candidates per prompt (see ``Policies.sample_together``)."""
         started = time.perf_counter()
-        out = self.policies.sample(role, batch.ids, n, self.cfg.max_tokens, seed)
+        out = self.policies.sample_together(batch.ids, draws, self.cfg.max_tokens)
         self.timings["sample_s"] = self.timings.get("sample_s", 0.0) + time.perf_counter() - started
         return out
 

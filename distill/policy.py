@@ -9,17 +9,30 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Sequence
 
 import torch
 
 from bonbench.backends.base import Candidate, SamplingParams
-from bonbench.backends.sampling import SampleRequest, sample
+from bonbench.backends.sampling import BASE, SampleRequest, sample
 from bonbench.backends.transformers import eos_ids
 from bonbench.logprobs import sequence_logprobs
 
 Role = Literal["policy", "anchor", "ref"]
+_ADAPTER = {"policy": "policy", "anchor": "anchor", "ref": BASE}
+
+
+@dataclass(frozen=True)
+class Draw:
+    """``n`` answers per prompt from ``role``, each also scored under the roles in ``score_under``
+    (``Candidate.logprob_under[role]``, no gradient)."""
+
+    role: Role
+    n: int
+    seed: int
+    score_under: tuple[Role, ...] = ()
 
 
 class Policies:
@@ -73,14 +86,47 @@ class Policies:
         else:
             yield self.model
 
-    def sample(self, role: Role, prompts: list[list[int]], n: int, max_tokens: int, seed: int) -> list[list[Candidate]]:
+    def sample(self, role: Role, prompts: list[list[int]], n: int, max_tokens: int, seed: int,
+               score_under: tuple[Role, ...] = ()) -> list[list[Candidate]]:
         """``n`` answers per prompt from the role's policy (temperature 1, top_p 1: log-probs are log pi)."""
-        if self.generator is not None:
-            return self.generator.sample(self, role, prompts, n, max_tokens, seed)
-        requests = [SampleRequest(p, SamplingParams(n=n, max_tokens=max_tokens, seed=seed * 100_003 + i))
-                    for i, p in enumerate(prompts)]
-        with self._role(role) as model:
-            return sample(model, self.tokenizer, requests, self.eos, keep_tokens=False)
+        return self.sample_together(prompts, [Draw(role, n, seed, score_under)], max_tokens)[0]
+
+    def sample_together(self, prompts: list[list[int]], draws: Sequence[Draw], max_tokens: int) -> list[list[list[Candidate]]]:
+        """Several draws over the same prompts; returns, per draw, the candidates per prompt.
+
+        With LoRA and the in-process sampler all draws run as one mixed-adapter batch: each decoding
+        step reads the weights once for every role, and ``score_under`` costs a shadow row each, not
+        a second pass over the prompts. Otherwise each draw samples on its own and is scored after.
+        """
+        for d in draws:
+            if "anchor" in (d.role, *d.score_under) and not self.with_anchor:
+                raise ValueError("this run has no anchor")
+        if self.lora and self.generator is None:
+            requests = [SampleRequest(p, SamplingParams(n=d.n, max_tokens=max_tokens, seed=d.seed * 100_003 + i),
+                                      adapter=_ADAPTER[d.role], score_with=tuple(_ADAPTER[r] for r in d.score_under))
+                        for d in draws for i, p in enumerate(prompts)]
+            flat = sample(self.model, self.tokenizer, requests, self.eos, keep_tokens=False)
+            role_of = {a: r for r, a in _ADAPTER.items()}
+            for c in (c for row in flat for c in row):
+                c.logprob_under = {role_of[a]: v for a, v in c.logprob_under.items()}
+            return [flat[k * len(prompts) : (k + 1) * len(prompts)] for k in range(len(draws))]
+        out = []
+        for d in draws:
+            if self.generator is not None:
+                rows = self.generator.sample(self, d.role, prompts, d.n, max_tokens, d.seed)
+            else:
+                requests = [SampleRequest(p, SamplingParams(n=d.n, max_tokens=max_tokens, seed=d.seed * 100_003 + i))
+                            for i, p in enumerate(prompts)]
+                with self._role(d.role) as model:
+                    rows = sample(model, self.tokenizer, requests, self.eos, keep_tokens=False)
+            flat_prompts = [p for p, row in zip(prompts, rows) for _ in row]
+            flat = [c for row in rows for c in row]
+            for other in d.score_under:
+                scores = self.logprobs(other, flat_prompts, [c.token_ids for c in flat]).tolist()
+                for c, v in zip(flat, scores):
+                    c.logprob_under[other] = v
+            out.append(rows)
+        return out
 
     def logprobs(self, role: Role, prompts: list[list[int]], answers: list[list[int]], *, grad: bool = False,
                  batch_size: int = 16) -> torch.Tensor:

@@ -73,6 +73,9 @@ class Candidate:
     token_ids: list[int] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)  # filled when SamplingParams.logprobs
     token_logprobs: list[float] = field(default_factory=list)  # filled when SamplingParams.logprobs
+    # log-probability of token_ids (temperature 1) under other adapters of the same model, by name:
+    # filled by the in-process sampler for a SampleRequest with ``score_with``
+    logprob_under: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -5,6 +5,13 @@ once and its KV cache is copied for its ``n`` candidates (the candidates share t
 prefill). Rows that finish are dropped from the batch, so short answers stop costing compute.
 Each candidate draws from its own ``torch.Generator``: with a seed, its tokens do not depend on
 which other requests happened to share the batch.
+
+With a PEFT model, each request may name the adapter it samples from (PEFT's mixed-adapter
+batches): a trainer draws from its policy and its anchor in one batch, so each decoding step reads
+the weights once for both. ``score_with`` adds, per candidate, a shadow row under another adapter
+that is fed the candidate's tokens instead of drawing its own: it reports log π_other(candidate)
+at the cost of one more row in the batch, where a separate scoring pass would run the prompt
+again. Prompts are prefilled once per distinct (prompt, adapter).
 """
 
 from __future__ import annotations
@@ -16,6 +23,10 @@ from typing import Callable, Sequence
 import torch
 
 from bonbench.backends.base import Candidate, SamplingParams
+from bonbench.backends.prefill import prefill
+
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 
 
 @dataclass
@@ -23,13 +34,21 @@ class SampleRequest:
     prompt_ids: list[int]
     params: SamplingParams
     is_cancelled: Callable[[], bool] = lambda: False
+    adapter: str | None = None  # PEFT adapter to sample from (BASE: adapters off); None: the model as is
+    score_with: tuple[str, ...] = ()  # adapters that also score each candidate (Candidate.logprob_under)
+
+
+_SCORE = SamplingParams()  # shadow rows read the model's own distribution: temperature 1, top_p 1
 
 
 @dataclass
 class _Row:
     request: int
-    generator: torch.Generator
+    generator: torch.Generator | None
     params: SamplingParams
+    slot: int  # which prefilled (prompt, adapter) this row's cache starts from
+    adapter: str | None = None
+    leader: int | None = None  # shadow rows: the row whose tokens they score
     token_ids: list[int] = field(default_factory=list)
     token_logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
@@ -42,16 +61,6 @@ def _row_generator(seed: int | None, index: int) -> torch.Generator:
     # request sharing the batch with a large client seed. Seeds that worked before draw the same numbers.
     g.manual_seed((seed * 1_000_003 + index) % 2**64 if seed is not None else random.getrandbits(62))
     return g
-
-
-def _left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    return ids, mask
 
 
 def _process_logits(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
@@ -76,6 +85,9 @@ def _draw(logprobs: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
     """Gumbel-max sampling with each row's own generator; greedy rows take the argmax."""
     choices = []
     for i, row in enumerate(rows):
+        if row.leader is not None:
+            choices.append(-1)  # filled with the leader's token by the caller
+            continue
         if row.params.temperature == 0:
             choices.append(int(logprobs[i].argmax()))
             continue
@@ -104,39 +116,53 @@ def sample(
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids[0]
     eos = set(eos_token_ids)
+    mixed = any(r.adapter is not None or r.score_with for r in requests)
+    if mixed and any(r.adapter is None for r in requests):
+        raise ValueError("in a batch that names adapters, every request must name one (BASE for none)")
 
-    # Prefill each distinct prompt once; only the last position's logits are needed.
-    ids, mask = _left_pad([r.prompt_ids for r in requests], pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    # One row per candidate, then its shadow rows; each starts from the cache of its (prompt, adapter).
+    slots: dict[tuple[tuple[int, ...], str | None], int] = {}
 
-    # One row per candidate: copy each prompt's cache n times.
-    owner = [i for i, r in enumerate(requests) for _ in range(r.params.n)]
-    index = torch.tensor(owner, device=device)
+    def slot(request: SampleRequest, adapter: str | None) -> int:
+        return slots.setdefault((tuple(request.prompt_ids), adapter), len(slots))
+
+    rows: list[_Row] = []
+    for i, r in enumerate(requests):
+        for j in range(r.params.n):
+            rows.append(_Row(i, _row_generator(r.params.seed, j), r.params, slot(r, r.adapter), r.adapter))
+            leader = len(rows) - 1
+            rows.extend(_Row(i, None, _SCORE, slot(r, a), a, leader) for a in r.score_with)
+
+    def forward(adapters: list[str | None], **kw):
+        return model(**kw, adapter_names=adapters) if mixed else model(**kw)
+
+    # Prefill each distinct (prompt, adapter) once, unpadded; copy its cache to the rows it starts.
+    first = prefill(model, [p for p, _ in slots], pad_id, [a for _, a in slots] if mixed else None)
+    cache = first.cache
+    index = torch.tensor([row.slot for row in rows], device=device)
     cache.batch_select_indices(index)
-    mask = mask[index]
-    next_logits = out.logits[:, -1, :].float()[index]
-    rows = [
-        _Row(request=i, generator=_row_generator(requests[i].params.seed, j), params=requests[i].params)
-        for i, r in enumerate(requests)
-        for j in range(r.params.n)
-    ]
+    mask = first.mask[index]
+    next_logits = first.logits.float()[index]
     active = list(range(len(rows)))  # indices into rows, aligned with the cache's batch
 
     while active:
         live = [rows[k] for k in active]
         logprobs = _process_logits(next_logits.cpu(), live)
         tokens = _draw(logprobs, live)
+        drawn = {k: int(tokens[pos]) for pos, k in enumerate(active) if rows[k].leader is None}
+        for pos, k in enumerate(active):
+            if rows[k].leader is not None:
+                tokens[pos] = drawn[rows[k].leader]
         chosen_lp = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
         keep = []
-        for pos, k in enumerate(active):
+        for pos, k in enumerate(active):  # a shadow row comes after its leader and ends with it
             row = rows[k]
             tok = int(tokens[pos])
             row.token_ids.append(tok)
             row.token_logprobs.append(float(chosen_lp[pos]))
-            if requests[row.request].is_cancelled():
+            if row.leader is not None:
+                row.finish_reason = rows[row.leader].finish_reason
+            elif requests[row.request].is_cancelled():
                 row.finish_reason = "cancelled"
             elif tok in eos:
                 row.finish_reason = "stop"
@@ -144,7 +170,7 @@ def sample(
                 row.finish_reason = "stop"
             elif len(row.token_ids) >= row.params.max_tokens:
                 row.finish_reason = "length"
-            else:
+            if row.finish_reason is None:
                 keep.append(pos)
         if len(keep) < len(active):
             if not keep:
@@ -156,7 +182,8 @@ def sample(
             active = [active[p] for p in keep]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         step_positions = (mask.sum(-1, keepdim=True) - 1).to(device)
-        out = model(
+        out = forward(
+            [rows[k].adapter for k in active],
             input_ids=tokens[:, None].to(device),
             attention_mask=mask,
             position_ids=step_positions,
@@ -167,8 +194,13 @@ def sample(
         next_logits = out.logits[:, -1, :].float()
 
     results: list[list[Candidate]] = [[] for _ in requests]
-    for row in rows:
-        results[row.request].append(_to_candidate(tokenizer, row, eos, keep_tokens))
+    made: dict[int, Candidate] = {}
+    for k, row in enumerate(rows):
+        if row.leader is None:
+            made[k] = _to_candidate(tokenizer, row, eos, keep_tokens)
+            results[row.request].append(made[k])
+        else:
+            made[row.leader].logprob_under[row.adapter] = float(sum(row.token_logprobs))
     return results
 
 

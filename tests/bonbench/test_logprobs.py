@@ -126,3 +126,38 @@ def test_equals_sampler_logprob_on_the_embedded_default(default_model_path):
         got = sequence_logprobs(model, tokenizer, [p for p, _ in flat], [c.token_ids for _, c in flat])
     sampled = torch.tensor([c.logprob for _, c in flat])
     assert (got - sampled).abs().max() < 1e-3
+
+
+def test_answers_sharing_a_prompt_score_as_if_alone(tiny):
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer, 3)
+    g = torch.Generator().manual_seed(2)
+    # Prompt 0 has four answers, prompt 1 one, prompt 2 two; interleaved, one of them empty.
+    owner = [0, 1, 0, 2, 0, 2, 0]
+    answers = [torch.randint(0, len(tokenizer), (length,), generator=g).tolist() for length in (3, 6, 1, 9, 0, 2, 5)]
+    flat = [prompts[o] for o in owner]
+    with torch.no_grad():
+        alone = torch.tensor([_manual(model, p, a) for p, a in zip(flat, answers)], dtype=torch.float32)
+        for batch_size in (1, 3, 16):
+            got = sequence_logprobs(model, tokenizer, flat, answers, batch_size=batch_size)
+            torch.testing.assert_close(got, alone, atol=1e-4, rtol=0)
+    assert alone[4] == 0
+
+
+def test_gradient_through_a_shared_prompt_equals_separate_passes(tiny):
+    model, tokenizer = tiny
+    short, long = _prompts(tokenizer, 3)[1:]
+    prompts = [long, short, long, short, long]  # two prompts of different lengths, unpadded then laid together
+    answers = [[11, 12, 13, 14], [21, 22], [31], [41, 42, 43], [51, 52]]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(batch_size):
+        model.zero_grad()
+        lp = sequence_logprobs(model, tokenizer, prompts, answers, batch_size=batch_size)
+        (lp * torch.tensor([1.0, -2.0, 0.5, 1.5, -1.0])).sum().backward()
+        return [p.grad.clone() for p in params]
+
+    shared, separate = grads(3), grads(1)  # batch_size 1: each answer runs its own prompt pass
+    for a, b in zip(shared, separate):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    model.zero_grad()

@@ -180,3 +180,82 @@ def test_sampling_params_reject_impossible_values():
     for bad in (dict(n=0), dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+# -- PEFT adapters: mixed-adapter batches and shadow scoring -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peft_lm(tiny_model_path):
+    """The tiny model with two LoRA adapters 'a' and 'b', randomised so the three policies differ."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_causal_lm(tiny_model_path)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(model, config, adapter_name="a")
+    model.add_adapter("b", config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.eval()
+    return model, tokenizer, eos_ids(model, tokenizer)
+
+
+def test_each_request_samples_from_its_own_adapter_in_a_mixed_batch(peft_lm):
+    from bonbench.backends.sampling import BASE
+
+    model = peft_lm[0]
+    params = SamplingParams(n=2, max_tokens=10, seed=5)
+    prompts = [ids(peft_lm, "the cat"), ids(peft_lm, "a much longer prompt about dogs and their owners")]
+    mixed = draw(peft_lm, *(SampleRequest(p, params, adapter=a) for a in ("a", "b", BASE) for p in prompts))
+    alone = []
+    for adapter in ("a", "b", BASE):
+        if adapter == BASE:
+            with model.disable_adapter():
+                alone += draw(peft_lm, *(SampleRequest(p, params) for p in prompts))
+        else:
+            model.set_adapter(adapter)
+            alone += draw(peft_lm, *(SampleRequest(p, params) for p in prompts))
+    model.set_adapter("a")
+    assert [[c.token_ids for c in row] for row in mixed] == [[c.token_ids for c in row] for row in alone]
+    assert [c.logprob for row in mixed for c in row] == pytest.approx([c.logprob for row in alone for c in row],
+                                                                       abs=1e-3)
+    # the adapters really differ: each gives the same seed's draw another probability
+    logprobs = sorted(mixed[k][0].logprob for k in (0, 2, 4))
+    assert min(b - a for a, b in zip(logprobs, logprobs[1:])) > 1e-2
+
+
+def test_score_with_reports_teacher_forced_logprobs_under_the_other_adapters(peft_lm):
+    from bonbench.backends.sampling import BASE
+    from bonbench.logprobs import sequence_logprobs
+
+    model, tokenizer, _ = peft_lm
+    prompt = ids(peft_lm, "once upon a time")
+    requests = [SampleRequest(prompt, SamplingParams(n=3, max_tokens=12, seed=1), adapter="a", score_with=("b", BASE)),
+                SampleRequest(prompt, SamplingParams(n=2, max_tokens=12, seed=2), adapter="b")]
+    with_shadows, plain = draw(peft_lm, *requests)
+    alone = draw(peft_lm, SampleRequest(prompt, requests[0].params, adapter="a"))[0]
+    assert [c.token_ids for c in with_shadows] == [c.token_ids for c in alone]  # shadows change no draw
+    answers = [c.token_ids for c in with_shadows]
+    with torch.no_grad():
+        model.set_adapter("b")
+        under_b = sequence_logprobs(model, tokenizer, [prompt] * 3, answers)
+        model.set_adapter("a")
+        with model.disable_adapter():
+            under_base = sequence_logprobs(model, tokenizer, [prompt] * 3, answers)
+        under_a = sequence_logprobs(model, tokenizer, [prompt] * 3, answers)
+    for c, b, base, a in zip(with_shadows, under_b.tolist(), under_base.tolist(), under_a.tolist()):
+        assert set(c.logprob_under) == {"b", BASE}
+        assert c.logprob_under["b"] == pytest.approx(b, abs=1e-3)
+        assert c.logprob_under[BASE] == pytest.approx(base, abs=1e-3)
+        assert c.logprob == pytest.approx(a, abs=1e-3) and abs(a - b) > 1e-2
+    assert all(c.logprob_under == {} for c in plain)
+
+
+def test_a_batch_naming_adapters_must_name_one_for_every_request(peft_lm):
+    prompt = ids(peft_lm, "hello")
+    with pytest.raises(ValueError, match="every request must name one"):
+        draw(peft_lm, SampleRequest(prompt, SamplingParams(max_tokens=2), adapter="a"),
+             SampleRequest(prompt, SamplingParams(max_tokens=2)))
