@@ -19,7 +19,14 @@ class TrainConfig:
                                     "modules that get LoRA adapters")
     lora_top_layers: int = field(8, "LoRA on the top L transformer layers only (0: all). Exact, and cheap: "
                                     "the frozen layers below build no autograd graph")
-    generation: str = field("transformers", "sampling engine: 'transformers' (in-process) or 'vllm' (GPU)")
+    generation: str = field("transformers", "sampling engine: 'transformers' (in-process) or 'vllm' "
+                                            "(a vLLM engine synced to the trained weights; see distill/vllm_generation.py)")
+    vllm_gpu_memory_utilization: float = field(0.5, "--generation vllm: share of the GPU's memory vLLM may take "
+                                                    "(weights and KV cache); the trainer needs the rest")
+    vllm_max_model_len: int = field(0, "--generation vllm: context length of vLLM's KV cache in tokens "
+                                       "(0: the model's own); prompt + max_tokens must fit")
+    vllm_enforce_eager: bool = field(False, "--generation vllm: no CUDA graphs or torch.compile "
+                                            "(starts faster, decodes slower)")
     dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16")
     device: str = field("auto", "auto (cuda if available, else cpu), cpu or cuda")
     # -- data ---------------------------------------------------------------------------------
@@ -56,3 +63,7 @@ class TrainConfig:
             raise ValueError("eval_k must be >= 2 (quantiles and win rates need reference samples)")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
+        if self.generation not in ("transformers", "vllm"):
+            raise ValueError(f"generation must be 'transformers' or 'vllm', got {self.generation!r}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError("vllm_gpu_memory_utilization is a share of the GPU's memory: in (0, 1]")

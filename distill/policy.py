@@ -182,6 +182,7 @@ class Policies:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.weights_changed()
         if self.lora:
             params = dict(self.model.named_parameters())
             with torch.no_grad():

@@ -26,7 +26,9 @@ class VLLMBackend:
         self.model_name = model_name or model
         self._model_path = model
         self._tokenizer = None
-        self._max_context = max_model_len
+        # vLLM picks the context when none is given; report it, so the service refuses long prompts itself
+        config = getattr(self.engine, "model_config", None)
+        self._max_context = max_model_len or getattr(config, "max_model_len", None)
 
     def _tok(self):
         if self._tokenizer is None:
@@ -50,13 +52,17 @@ class VLLMBackend:
     async def generate(self, prompt: Prompt, params: SamplingParams) -> Generation:
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         ids = self._prompt_ids(prompt)
         if self._max_context and len(ids) + params.max_tokens > self._max_context:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens; with max_tokens {params.max_tokens} "
                                 f"it exceeds the context of {self._max_context}")
         sp = VSamplingParams(n=params.n, max_tokens=params.max_tokens, temperature=params.temperature,
-                             top_p=params.top_p, stop=list(params.stop) or None, seed=params.seed, logprobs=0)
+                             top_p=params.top_p, stop=list(params.stop) or None, seed=params.seed, logprobs=0,
+                             # one output holding all n candidates: streamed outputs of an n > 1 request
+                             # each carry only the candidate that moved, so the last one lacks the others
+                             output_kind=RequestOutputKind.FINAL_ONLY)
         request_id = uuid.uuid4().hex
         final = None
         try:

@@ -1,36 +1,25 @@
-"""The vLLM backend (GPU). Opt-in: runs only where ``import vllm`` works and ``BONBENCH_TEST_VLLM=1``."""
+"""The vLLM serving backend. Opt-in: runs only where ``import vllm`` works and ``BONBENCH_TEST_VLLM=1``
+(a GPU, or vLLM's CPU build: see tests/vllm_support.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import os
 
 import pytest
 
 from bonbench.backends.base import PromptTooLong, SamplingParams
+from tests.vllm_support import save_vllm_tiny_model, vllm_skip_reason
 
-def _skip_reason() -> str | None:
-    if os.environ.get("BONBENCH_TEST_VLLM") != "1":
-        return "vLLM backend tests are opt-in: set BONBENCH_TEST_VLLM=1 on a machine with vLLM and a GPU"
-    if importlib.util.find_spec("vllm") is None:
-        return "BONBENCH_TEST_VLLM=1 but vLLM is not installed: pip install 'bonbench[gpu]'"
-    try:
-        import vllm  # noqa: F401
-    except Exception as exc:  # an installed but broken vLLM (no GPU, wrong torch)
-        return f"BONBENCH_TEST_VLLM=1 but 'import vllm' fails: {type(exc).__name__}: {exc}"
-    return None
-
-
-_SKIP = _skip_reason()
+_SKIP = vllm_skip_reason()
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
 
 
 @pytest.fixture(scope="module")
-def vllm_backend(tiny_model_path):
+def vllm_backend(tmp_path_factory):
     from bonbench.backends.vllm import VLLMBackend
 
-    backend = VLLMBackend(tiny_model_path, "tiny", dtype="float32", gpu_memory_utilization=0.3, max_model_len=512,
+    model = save_vllm_tiny_model(tmp_path_factory.mktemp("vllm-tiny"))
+    backend = VLLMBackend(model, "tiny", dtype="float32", gpu_memory_utilization=0.3, max_model_len=512,
                           enforce_eager=True)
     yield backend
     asyncio.run(backend.close())
