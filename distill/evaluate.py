@@ -51,8 +51,8 @@ class Evaluator:
         if self.ctx.policies.generator is None:
             policy_lp = np.array([c.logprob for c in samples])
         else:  # an external engine's log-probs may differ in precision from the trained model's
-            ids = self.prompts.ids
-            policy_lp = self.ctx.policies.logprobs("policy", ids, [c.token_ids for c in samples]).double().numpy()
+            answers = [c.token_ids for c in samples]
+            policy_lp = self.ctx.policies.logprobs("policy", self.prompts.ids, answers).double().numpy()
         ref_lp = np.array([c.logprob_under["ref"] for c in samples])
         win = bon.win_rate(rewards, refs[:, 0])
         all_refs = bon.win_rate(np.repeat(rewards, refs.shape[1]), refs.reshape(-1))

@@ -101,11 +101,14 @@ class Policies:
         for d in draws:
             if "anchor" in (d.role, *d.score_under) and not self.with_anchor:
                 raise ValueError("this run has no anchor")
+        def requests(d: Draw, adapters: bool) -> list[SampleRequest]:
+            extra = dict(adapter=_ADAPTER[d.role], score_with=tuple(_ADAPTER[r] for r in d.score_under)) if adapters else {}
+            return [SampleRequest(p, SamplingParams(n=d.n, max_tokens=max_tokens, seed=d.seed * 100_003 + i), **extra)
+                    for i, p in enumerate(prompts)]
+
         if self.lora and self.generator is None:
-            requests = [SampleRequest(p, SamplingParams(n=d.n, max_tokens=max_tokens, seed=d.seed * 100_003 + i),
-                                      adapter=_ADAPTER[d.role], score_with=tuple(_ADAPTER[r] for r in d.score_under))
-                        for d in draws for i, p in enumerate(prompts)]
-            flat = sample(self.model, self.tokenizer, requests, self.eos, keep_tokens=False)
+            flat = sample(self.model, self.tokenizer, [r for d in draws for r in requests(d, True)], self.eos,
+                          keep_tokens=False)
             role_of = {a: r for r, a in _ADAPTER.items()}
             for c in (c for row in flat for c in row):
                 c.logprob_under = {role_of[a]: v for a, v in c.logprob_under.items()}
@@ -115,10 +118,8 @@ class Policies:
             if self.generator is not None:
                 rows = self.generator.sample(self, d.role, prompts, d.n, max_tokens, d.seed)
             else:
-                requests = [SampleRequest(p, SamplingParams(n=d.n, max_tokens=max_tokens, seed=d.seed * 100_003 + i))
-                            for i, p in enumerate(prompts)]
                 with self._role(d.role) as model:
-                    rows = sample(model, self.tokenizer, requests, self.eos, keep_tokens=False)
+                    rows = sample(model, self.tokenizer, requests(d, False), self.eos, keep_tokens=False)
             flat_prompts = [p for p, row in zip(prompts, rows) for _ in row]
             flat = [c for row in rows for c in row]
             for other in d.score_under:

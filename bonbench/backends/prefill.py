@@ -28,7 +28,8 @@ class Prefilled:
     mask: torch.Tensor  # (S, W) attention mask, 1 on real tokens
 
 
-def _forward(model, adapters: list[str] | None, **kw):
+def forward_with_adapters(model, adapters: list[str] | None, **kw):
+    """``model(**kw)``, with PEFT's per-row ``adapter_names`` when ``adapters`` is given."""
     return model(**kw, adapter_names=adapters) if adapters is not None else model(**kw)
 
 
@@ -40,7 +41,7 @@ def _padded(model, prompts: Sequence[Sequence[int]], adapters: list[str] | None,
         ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
         mask[i, width - len(p) :] = 1
     ids, mask = ids.to(device), mask.to(device)
-    out = _forward(model, adapters, input_ids=ids, attention_mask=mask,
+    out = forward_with_adapters(model, adapters, input_ids=ids, attention_mask=mask,
                    position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True, logits_to_keep=1)
     return Prefilled(out.logits[:, -1, :], out.past_key_values, mask)
 
@@ -58,24 +59,21 @@ def prefill(model, prompts: Sequence[Sequence[int]], pad_id: int, adapters: Sequ
     if len(groups) == 1:
         return _padded(model, prompts, adapters, pad_id, device)  # nothing to pad
     width = max(len(p) for p in groups)
-    logits, layers, rows = [], None, []
-    cache = None
+    caches, logits, rows = [], [], []
     for prompt, members in groups.items():
         ids = torch.tensor([list(prompt)] * len(members), dtype=torch.long, device=device)
-        out = _forward(model, [adapters[s] for s in members] if adapters is not None else None,
-                       input_ids=ids, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
+        out = forward_with_adapters(model, [adapters[s] for s in members] if adapters is not None else None,
+                                    input_ids=ids, use_cache=True, logits_to_keep=1)
+        if any(type(layer) is not DynamicLayer for layer in getattr(out.past_key_values, "layers", [None])):
             return _padded(model, prompts, adapters, pad_id, device)
-        left = width - len(prompt)
-        parts = [(F.pad(layer.keys, (0, 0, left, 0)), F.pad(layer.values, (0, 0, left, 0))) for layer in cache.layers]
-        layers = [[kv] for kv in parts] if layers is None else [acc + [kv] for acc, kv in zip(layers, parts)]
+        caches.append((width - len(prompt), out.past_key_values))
         logits.append(out.logits[:, -1, :])
         rows.extend(members)
     order = torch.argsort(torch.tensor(rows, device=device))  # back to input order
-    for layer, pieces in zip(cache.layers, layers):
-        layer.keys = torch.cat([k for k, _ in pieces])[order]
-        layer.values = torch.cat([v for _, v in pieces])[order]
+    cache = caches[-1][1]  # reused as the container of the laid-together tensors
+    for i, layer in enumerate(cache.layers):
+        layer.keys = torch.cat([F.pad(c.layers[i].keys, (0, 0, left, 0)) for left, c in caches])[order]
+        layer.values = torch.cat([F.pad(c.layers[i].values, (0, 0, left, 0)) for left, c in caches])[order]
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     mask = (torch.arange(width, device=device) >= width - lengths[:, None]).long()
     return Prefilled(torch.cat(logits)[order], cache, mask)

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from bonbench.backends.base import Candidate, SamplingParams
-from bonbench.backends.prefill import prefill
+from bonbench.backends.prefill import forward_with_adapters, prefill
 
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
@@ -133,9 +133,6 @@ def sample(
             leader = len(rows) - 1
             rows.extend(_Row(i, None, _SCORE, slot(r, a), a, leader) for a in r.score_with)
 
-    def forward(adapters: list[str | None], **kw):
-        return model(**kw, adapter_names=adapters) if mixed else model(**kw)
-
     # Prefill each distinct (prompt, adapter) once, unpadded; copy its cache to the rows it starts.
     first = prefill(model, [p for p, _ in slots], pad_id, [a for _, a in slots] if mixed else None)
     cache = first.cache
@@ -182,8 +179,9 @@ def sample(
             active = [active[p] for p in keep]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         step_positions = (mask.sum(-1, keepdim=True) - 1).to(device)
-        out = forward(
-            [rows[k].adapter for k in active],
+        out = forward_with_adapters(
+            model,
+            [rows[k].adapter for k in active] if mixed else None,
             input_ids=tokens[:, None].to(device),
             attention_mask=mask,
             position_ids=step_positions,

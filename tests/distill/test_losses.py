@@ -328,22 +328,20 @@ def _bond_batch(problem: Problem, n: int, k: int, log_quantiles_of):
     return ys, pool, pair_w[a] * ref_w[b], log_quantiles_of(ys, pool)
 
 
+def _bond_expected_gradient(problem: Problem, n: int, ys, pool, weights, log_q, beta: float):
+    """E[∇ bond_loss] over a batch from ``_bond_batch``."""
+    leaves = Leaves(problem, weights)
+    out = bond_loss(policy_logprobs=leaves(ys), ref_logprobs=problem.ref[ys], log_quantiles=log_q,
+                    ref_sample_logprobs=leaves(pool), ref_rewards=KEYS[pool], n=n, beta=beta)
+    return leaves.expected_gradient(out)
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 0.8])
 def test_bond_expected_gradient_is_jeffreys_divergence_to_best_of_n(beta):
     problem, n, k = Problem(seed=1), 3, 3
     exact_r = r_bond(problem.ref, n)
     ys, pool, weights, log_q = _bond_batch(problem, n, k, lambda ys, pool: exact_r[ys])
-    leaves = Leaves(problem, weights)
-    out = bond_loss(
-        policy_logprobs=leaves(ys),
-        ref_logprobs=problem.ref[ys],
-        log_quantiles=log_q,
-        ref_sample_logprobs=leaves(pool),
-        ref_rewards=KEYS[pool],
-        n=n,
-        beta=beta,
-    )
-    got = leaves.expected_gradient(out)
+    got = _bond_expected_gradient(problem, n, ys, pool, weights, log_q, beta)
     bon = bon_log(problem.ref, n)
     # π_ref · exp((n-1) · r_BOND) is π_BoN itself (MATH.md §2).
     torch.testing.assert_close(torch.log_softmax(problem.ref + (n - 1) * exact_r, 0), bon)
@@ -362,17 +360,7 @@ def test_bond_with_mc_quantiles_targets_the_smoothed_estimator_fixed_point():
         return torch.from_numpy(log_quantile(keys[ys.numpy()], keys[pool.numpy()], smoothing=True))
 
     ys, pool, weights, log_q = _bond_batch(problem, n, k, mc)
-    leaves = Leaves(problem, weights)
-    out = bond_loss(
-        policy_logprobs=leaves(ys),
-        ref_logprobs=problem.ref[ys],
-        log_quantiles=log_q,
-        ref_sample_logprobs=leaves(pool),
-        ref_rewards=KEYS[pool],
-        n=n,
-        beta=0.5,
-    )
-    got = leaves.expected_gradient(out)
+    got = _bond_expected_gradient(problem, n, ys, pool, weights, log_q, 0.5)
     # E[log p̂≤(y)] with c ~ Binomial(k, p≤(y)) and p̂≤ = (c + 1)/(k + 1) (MATH.md §2)
     _, p_leq = quantiles_exact(problem.ref.exp().numpy(), TIED_REWARDS.numpy())
     c = np.arange(k + 1)
