@@ -15,12 +15,14 @@ import yaml
 C = TypeVar("C")
 
 
-def field(default: Any = dataclasses.MISSING, help: str = "", **kw) -> Any:
-    """A dataclass field with a ``--help`` line."""
+def field(default: Any = dataclasses.MISSING, help: str = "", flag: str | None = None, **kw) -> Any:
+    """A dataclass field with a ``--help`` line; ``flag`` replaces the option's name (``--from`` for
+    a field that cannot be called ``from``)."""
+    metadata = {"help": help, "flag": flag}
     if isinstance(default, (list, dict, set)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kw)
+    return dataclasses.field(default=default, metadata=metadata, **kw)
 
 
 def _base_type(tp) -> tuple[type, bool]:
@@ -61,7 +63,7 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None, *, prog: str |
         if many:
             kwargs["nargs"] = "+"
         kwargs["help"] = f"{kwargs['help']} (default: {default})"
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, **kwargs)
+        parser.add_argument(f.metadata.get("flag") or f"--{f.name.replace('_', '-')}", dest=f.name, **kwargs)
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     path = args.pop("config", None)

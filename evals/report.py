@@ -1,0 +1,141 @@
+r"""``python -m evals.report``: does a distilled policy give Best-of-N's quality at one sample's cost?
+
+    python -m evals.report                                   # runs the default comparison, then the report
+    python -m evals.report --from runs/evals/xsum runs/jbond runs/evals/judge --name my-report
+
+With no ``--from`` it runs the default comparison itself, on the embedded default model and
+reward (CPU, offline): ``evals.xsum`` for the reference, Best-of-2/4/8 and every policy found
+under ``--runs`` (``runs/*/policy``), ``evals.benchmarks`` on the project's local tasks,
+``evals.judge`` (each policy against the reference, both orders), then builds the report from
+those folders and the distill runs' training curves. Each step resumes from its folder, so a
+second call only rebuilds.
+
+Writes ``reports/<name>/report.md`` (figures beside it as PNG), ``report.html`` (self-contained:
+figures embedded) and the tables it shows as CSV.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from bonbench.config import field, parse_config
+from evals import report_figures as figures
+from evals.report_render import Section, write_report
+from evals.report_tables import Runs, load_runs, matched_n
+
+log = logging.getLogger("evals.report")
+
+
+@dataclass
+class ReportConfig:
+    name: str = field("default", "report name: the output goes to <reports>/<name>/")
+    reports: str = field("reports", "folder that holds the reports")
+    from_runs: list[str] = field([], "run folders to build from (evals.xsum, bonbench measure, evals.benchmarks, "
+                                 "evals.judge, distill runs); none: run the default comparison first", flag="--from")
+    runs: str = field("runs", "with no --from: where to look for distilled policies (runs/*/policy) and where "
+                              "the default comparison writes (runs/evals/)")
+    title: str = field("Best-of-N against distilled policies", "the report's title")
+
+    def __post_init__(self) -> None:
+        if Path(self.name).name != self.name or not self.name:
+            raise ValueError("--name is a folder name, without slashes")
+
+
+# -- sections ----------------------------------------------------------------------------------
+
+
+def _methods(runs: Runs):
+    import pandas as pd
+
+    if not runs.methods:
+        return None
+    frames = [frame.assign(source=str(folder)) for folder, frame in runs.methods]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _verdicts(methods) -> list[str]:
+    """One sentence per policy: which Best-of-N it matches, at what share of the tokens."""
+    bon = methods[methods["kind"] == "bon"].sort_values("n")
+    out = []
+    for row in methods[methods["kind"] == "policy"].itertuples():
+        n = matched_n(bon["n"], bon["win_rate"], row.win_rate) if len(bon) else None
+        interval = f"{row.win_rate:.3f} [{row.win_low:.3f}, {row.win_high:.3f}]"
+        if n is None and len(bon) and row.win_rate < bon["win_rate"].iloc[0]:
+            out.append(f"**{row.method}**: win rate {interval}, below Best-of-{bon['n'].iloc[0]}: "
+                       "distillation did not pay on this run.")
+        elif n is None and len(bon):
+            out.append(f"**{row.method}**: win rate {interval}, above every Best-of-N measured "
+                       f"(up to N={bon['n'].iloc[-1]}).")
+        elif n is not None:
+            per_sample = bon["tokens_per_answer"].iloc[0] / bon["n"].iloc[0]
+            share = row.tokens_per_answer / (n * per_sample)
+            out.append(f"**{row.method}**: win rate {interval} matches Best-of-{n:.1f} on the Best-of-N curve, "
+                       f"at {share:.2f}x its generated tokens (KL {row.kl:.3f} against Best-of-N's analytic "
+                       f"{_bon_kl(n):.3f} at that N).")
+    return out
+
+
+def _bon_kl(n: float) -> float:
+    import math
+
+    return math.log(n) - (n - 1) / n
+
+
+def headline(methods, folder: Path) -> Section:
+    columns = {"method": "method", "n": "samples", "tokens_per_answer": "tokens/answer",
+               "seconds_per_answer": "s/answer", "win_rate": "win rate", "win_low": "low", "win_high": "high",
+               "reward": "reward", "kl": "KL", "kl_kind": "KL is"}
+    extra = {c: c for c in ("rougeL", "words", "flag") if c in methods}
+    table = methods[list(columns) + list(extra)].rename(columns=columns)
+    section = Section("Best-of-N against distilled policies", _verdicts(methods), [("", table)])
+    section.paragraphs.append(
+        "Win rate: against one independent reference sample per answer, ties counted half, Wilson 95% "
+        "interval. KL: Best-of-N's analytic log N − (N−1)/N (an upper bound when answers repeat); a policy's "
+        "is measured, the mean of log π(y) − log π_ref(y) over its samples.")
+    section.figures += [
+        ("Generated tokens per answer against win rate: Best-of-N pays N samples, a policy one.",
+         figures.cost_vs_quality(methods, folder / "cost_vs_quality.png")),
+        ("Win rate against N; each policy as a dashed line at its one-sample win rate.",
+         figures.win_rate_vs_n(methods, folder / "win_rate_vs_n.png")),
+    ]
+    return section
+
+
+def reward_kl(methods, runs: Runs, folder: Path) -> Section:
+    import pandas as pd
+
+    curves = pd.concat([c for _, c in runs.curves], ignore_index=True) if runs.curves else None
+    return Section("Reward against KL", [
+        "Training curves are the runs' own periodic evaluations (their own held-out prompts, fewer than the "
+        "comparison's), so read their shape, not their level against the points."],
+        figures=[("Reward against KL(π ‖ π_ref).", figures.reward_vs_kl(methods, curves, folder / "reward_vs_kl.png"))])
+
+
+def build(cfg: ReportConfig, folders: list[Path]) -> tuple[Path, Path]:
+    """Build the report from run folders; return the paths of report.md and report.html."""
+    runs = load_runs(folders)
+    folder = Path(cfg.reports) / cfg.name
+    folder.mkdir(parents=True, exist_ok=True)
+    sections = []
+    methods = _methods(runs)
+    if methods is not None:
+        methods.to_csv(folder / "methods.csv", index=False)
+        sections += [headline(methods, folder), reward_kl(methods, runs, folder)]
+    sources = Section("Where the numbers come from", [f"`{f}`" for f in folders])
+    sections.append(sources)
+    md, page = write_report(folder, cfg.title, sections)
+    print(f"report: {md}\n        {page}")
+    return md, page
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = parse_config(ReportConfig, argv, prog="python -m evals.report",
+                       description="Best-of-N against distilled policies: one report with tables and plots.")
+    build(cfg, [Path(f) for f in cfg.from_runs])
+
+
+if __name__ == "__main__":
+    main()
