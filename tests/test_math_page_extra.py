@@ -87,7 +87,7 @@ def test_best_of_8_win_rate_on_256_equally_likely_sequences():
 
 
 def test_best_of_8_win_rate_on_the_peaked_test_bed_reference():
-    # The exact test bed's π_ref (an MLP at random init, 256 sequences, 10 tied reward levels).
+    # The exact test bed's π_ref (an MLP at random init, 256 sequences, 9 tied reward levels).
     bed = make_testbed("mlp", seed=0)
     probs, keys = bed.ref_log_probs.exp().numpy(), bed.order_keys.numpy()
     probs = probs / probs.sum()
