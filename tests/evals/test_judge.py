@@ -8,7 +8,6 @@ import json
 import math
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ from fastapi.responses import JSONResponse
 from bonbench.server.launch import REPO, child_env, free_port
 from evals.judge import WEAK_JUDGE_NOTE, InputError, JudgeConfig, main, run
 from evals.judge_client import JudgeError, JudgeSpec, parse_label, preference_from_logprobs
+from tests.loopback import serve_in_thread
 
 JUDGE = "fake-judge"
 GOOD = "GOOD"
@@ -112,20 +112,9 @@ def build_judge_app(state: JudgeState) -> FastAPI:
 @pytest.fixture(scope="module")
 def judge_server():
     """(base URL, state) of the judge app on a free loopback port."""
-    import uvicorn
-
     state = JudgeState()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_judge_app(state), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the judge app did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1", state
-    server.should_exit = True
-    thread.join(30)
+    with serve_in_thread(build_judge_app(state)) as url:
+        yield f"{url}/v1", state
 
 
 @pytest.fixture
