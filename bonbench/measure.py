@@ -103,6 +103,7 @@ from pathlib import Path
 from bonbench.config import field, parse_config
 from bonbench.models import ModelNotFound
 from bonbench.rewards import REWARD_HELP
+from bonbench.samplestore import SampleStore
 
 log = logging.getLogger("bonbench.measure")
 
@@ -206,7 +207,7 @@ def _settings(cfg: MeasureConfig, pool: int) -> dict:
     return {key: values[key] for key in _RESUME_KEYS}
 
 
-def _resolve_pool(cfg: MeasureConfig, store) -> int:
+def _resolve_pool(cfg: MeasureConfig, store: SampleStore) -> int:
     """``--pool``, else the pool of the run being resumed, else the largest N."""
     saved = store.read_run()
     if cfg.pool:
@@ -219,11 +220,9 @@ def _resolve_pool(cfg: MeasureConfig, store) -> int:
     return max(cfg.ns)
 
 
-def _open_store(cfg: MeasureConfig, out: Path):
+def _open_store(cfg: MeasureConfig, out: Path) -> tuple[SampleStore, int, dict | None]:
     """The run folder, its pool size and ``cfg.policy``'s entry (None without one), after checking
     that the pool settings match those of the run being resumed (or starting ``run.json``)."""
-    from bonbench.samplestore import SampleStore
-
     store = SampleStore(out)
     pool = _resolve_pool(cfg, store)
     defaults = _settings(MeasureConfig(), pool)
@@ -236,7 +235,8 @@ def _open_store(cfg: MeasureConfig, out: Path):
 # ---------------------------------------------------------------------------------------
 
 
-def _sample(cfg: MeasureConfig, store, pool: int, policy: dict | None, pool_todo: list, policy_todo: list) -> None:
+def _sample(cfg: MeasureConfig, store: SampleStore, pool: int, policy: dict | None, pool_todo: list[dict],
+            policy_todo: list[dict]) -> None:
     """Draw the missing reference pools and policy samples into ``store``."""
     from bonbench import collect
 
