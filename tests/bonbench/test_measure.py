@@ -1,29 +1,32 @@
-"""``python -m bonbench measure`` (bonbench/measure.py): its estimators against brute force and
-theory, and end to end on a tiny random model and on the embedded default."""
+"""``python -m bonbench measure`` (bonbench/measure.py) end to end: on a tiny random model, with a
+judge on loopback, from the command line, and once on the embedded default; and its documented
+commands against the committed report they made."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
-import itertools
 import json
-import math
+import re
+import shlex
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from bonbench import bon
-from bonbench.measure import (
-    MeasureConfig,
-    bon_pairs,
-    duplicate_rate,
-    log_quantile_theory,
-    main,
-    policy_slug,
-    prompt_stats,
-    summarize,
-)
+from bonbench import bon, measure
+from bonbench.config import parse_config
+from bonbench.measure import MeasureConfig, main
+from bonbench.samplestore import policy_slug
+from bonbench.server.launch import child_env
 
+REPO = Path(__file__).resolve().parents[2]
 SUMMARY_COLUMNS = [
     "method", "n", "prompts", "reward", "reward_se", "log_quantile", "log_quantile_se", "log_quantile_theory",
     "win_rate", "win_low", "win_high", "win_pairs", "win_rate_all", "win_rate_theory", "kl_measured",
@@ -47,90 +50,6 @@ def constant_reward(prompts, responses):
 
 HASHED = f"{__name__}:hashed_reward"
 CONSTANT = f"{__name__}:constant_reward"
-
-
-# ---------------------------------------------------------------------------------------
-# Estimators
-
-
-def test_log_quantile_theory_matches_simulation():
-    rng = np.random.default_rng(0)
-    k, draws = 16, 400_000
-    for n in (1, 2, 8):
-        quantile = rng.random((draws, n)).max(axis=1)  # the BoN sample's p≤ for continuous rewards
-        counts = rng.binomial(k, quantile)
-        values = np.log((counts + 1) / (k + 1))
-        assert abs(values.mean() - log_quantile_theory(n, k)) < 4 * values.std() / math.sqrt(draws)
-    # k -> infinity: E[log p≤] of the largest of n uniforms is -1/n
-    assert log_quantile_theory(4, 20_000) == pytest.approx(-0.25, abs=1e-3)
-
-
-def test_bon_pairs_take_disjoint_groups_in_draw_order():
-    cand, ref = [1.0, 5.0, 2.0, 3.0, 9.0, 0.0, 4.0], [10.0, 11.0, 12.0]
-    best, theirs = bon_pairs(cand, ref, 2)
-    assert best.tolist() == [5.0, 3.0, 9.0] and theirs.tolist() == [10.0, 11.0, 12.0]
-    best, theirs = bon_pairs(cand, ref[:1], 1)  # never more groups than references
-    assert best.tolist() == [1.0] and theirs.tolist() == [10.0]
-
-
-def test_duplicate_rate_counts_identical_pairs():
-    assert duplicate_rate(["a", "a", "b"]) == pytest.approx(1 / 3)
-    assert duplicate_rate(["a", "b", "c", "d"]) == 0
-    assert math.isnan(duplicate_rate(["a"]))
-
-
-def _fake_samples(rewards_by_role: dict[str, np.ndarray], prompt_index: int = 0) -> pd.DataFrame:
-    rows = []
-    for role, rewards in rewards_by_role.items():
-        for j, r in enumerate(rewards):
-            rows.append({"prompt_index": prompt_index, "prompt_id": f"p{prompt_index}", "role": role,
-                         "sample_index": j, "text": f"{role}-{j}-{r}", "num_tokens": 10 + j,
-                         "finish_reason": "stop", "logprob": -5.0 - j, "ref_logprob": -5.5 - j,
-                         "sample_seconds": 0.1, "reward": float(r), "reward_seconds": 0.01})
-    return pd.DataFrame(rows)
-
-
-def test_prompt_stats_equal_brute_force_over_all_subsets():
-    rng = np.random.default_rng(1)
-    ref, cand, pol = rng.normal(size=6), rng.normal(size=5), rng.normal(size=3)
-    cand[3] = ref[2]  # a tie between a candidate and a reference
-    rows, pairs = prompt_stats(_fake_samples({"reference": ref, "candidate": cand, "policy": pol}), [1, 2, 3])
-    by_method = {row["method"]: row for row in rows}
-    pool = np.concatenate([ref, cand])
-    for n in (1, 2, 3):
-        row = by_method[f"BoN-{n}"]
-        subsets = list(itertools.combinations(range(len(cand)), n))
-        best = [max(cand[list(s)]) for s in subsets]
-        log_q = [np.log((np.sum(ref <= b) + 1) / (len(ref) + 1)) for b in best]
-        win_all = [np.mean((ref < b) + 0.5 * (ref == b)) for b in best]
-        reward = np.mean([max(pool[list(s)]) for s in itertools.combinations(range(len(pool)), n)])
-        assert row["log_quantile"] == pytest.approx(np.mean(log_q))
-        assert row["win_rate_all"] == pytest.approx(np.mean(win_all))
-        assert row["reward"] == pytest.approx(reward)
-        assert row["win_pairs"] == len(cand) // n
-        assert row["tokens_per_request"] == pytest.approx(n * np.mean([10 + j for j in range(6)] + [10 + j for j in range(5)]))
-    policy = by_method["policy"]
-    assert policy["reward"] == pytest.approx(pol.mean())
-    assert policy["kl_measured"] == pytest.approx(0.5)
-    assert policy["log_quantile"] == pytest.approx(np.mean([np.log((np.sum(ref <= p) + 1) / 7) for p in pol]))
-    assert pairs["policy"][1].tolist() == ref[:3].tolist()  # policy sample i faces reference i
-
-
-def test_bon_rank_metrics_agree_with_theory_on_continuous_rewards():
-    """With continuous rewards every BoN rank metric is distribution-free: the pipeline must
-    reproduce N/(N+1) and the log-quantile expectation within its own error bars."""
-    rng = np.random.default_rng(2)
-    k, pool, ns = 16, 8, [1, 2, 4, 8]
-    frames = [_fake_samples({"reference": rng.random(k), "candidate": rng.random(pool)}, prompt_index=i)
-              for i in range(600)]
-    per_prompt, summary = summarize(pd.concat(frames, ignore_index=True), ns, k)
-    assert len(per_prompt) == 600 * len(ns)
-    for row in summary.itertuples():
-        assert row.win_low <= row.win_rate_theory <= row.win_high
-        assert abs(row.log_quantile - row.log_quantile_theory) < 4 * row.log_quantile_se
-        assert abs(row.win_rate_all - row.win_rate_theory) < 0.02
-        assert row.kl_analytic == pytest.approx(bon.bon_kl(row.n)) and math.isnan(row.kl_measured)
-    assert summary["reward"].is_monotonic_increasing
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,6 +216,8 @@ def test_lora_adapter_policy_is_loaded_on_the_reference(tiny_model_path, tmp_pat
     (["--policy", "x", "--temperature", "0.7"], "needs --temperature 1"),
     (["--k", "0"], "--k must be >= 1"),
     (["--temperature", "0"], "distinct random samples"),
+    (["--reward-model", "judge"], "--reward-model judge needs --judge-model"),
+    (["--judge-model", "g"], "read only with --reward-model judge"),
 ])
 def test_bad_settings_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -304,10 +225,112 @@ def test_bad_settings_are_usage_errors(argv, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_config_defaults_match_the_documented_command():
-    cfg = MeasureConfig()
-    assert (cfg.ns, cfg.k, cfg.max_tokens, cfg.split, cfg.model, cfg.reward_model) == (
-        [1, 2, 4, 8, 16], 16, 48, "test", "default", "default")
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """Every ``python -m bonbench measure`` command in the module's docstring and the READMEs,
+    as (where, argv): continued lines joined, comments cut, ``<placeholders>`` filled in."""
+    sources = {"bonbench/measure.py": measure.__doc__}
+    sources |= {str(path.relative_to(REPO)): path.read_text()
+                for path in [REPO / "README.md", *sorted((REPO / "reports").glob("*/README.md"))]}
+    commands = []
+    for where, text in sources.items():
+        for line in text.replace("\\\n", " ").splitlines():
+            command = line.strip().removeprefix("$ ")
+            if command.startswith("python -m bonbench measure "):
+                rest = command.removeprefix("python -m bonbench measure ").split("#")[0]
+                commands.append((where, shlex.split(re.sub(r"<[^>]*>", "X", rest))))
+    return commands
+
+
+def test_documented_commands_parse_and_share_the_pool_of_the_committed_report():
+    """Each documented command is valid (every option exists and passes the config's checks), and
+    those that write to ``reports/measure-default`` are the command that report's ``run.json``
+    records, so its tables are what they reproduce."""
+    commands = documented_commands()
+    wheres = {where for where, _ in commands}
+    assert {"bonbench/measure.py", "README.md", "reports/measure-default/README.md"} <= wheres
+    report = json.loads((REPO / "reports/measure-default/run.json").read_text())
+    into_report = 0
+    for where, argv in commands:
+        cfg = parse_config(MeasureConfig, argv)
+        if cfg.out != "reports/measure-default":
+            continue
+        into_report += 1
+        config = dataclasses.asdict(cfg)  # the options the report records (its policies come and go)
+        assert {k: config[k] for k in report["config"] if k not in ("policy", "policy_samples")} == {
+            k: v for k, v in report["config"].items() if k not in ("policy", "policy_samples")}, where
+    assert into_report >= 4
+
+
+def test_a_missing_policy_folder_is_one_sentence_before_any_model_work(tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "bonbench", "measure", "--policy", "/nonexistent/policy",
+                           "--out", str(out)], cwd=tmp_path, env=child_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "python -m bonbench measure: error: --policy /nonexistent/policy: no such folder (give a model folder, "
+        "a LoRA adapter folder or a Hugging Face hub id such as org/name)")
+    assert "Traceback" not in done.stderr and not out.exists()
+
+
+@contextlib.contextmanager
+def loopback_judge():
+    """An OpenAI-compatible chat endpoint on a loopback port that grades each answer
+    ``1 + len(answer) % 10``; yields its base URL and the (path, auth header, model, answer) of
+    each request it served."""
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            content = body["messages"][0]["content"]
+            answer = content.split("\n\nAnswer:\n", 1)[1].rsplit("\n\nReply with", 1)[0]
+            seen.append((self.path, self.headers.get("Authorization"), body["model"], answer))
+            reply = json.dumps({"id": "j", "object": "chat.completion", "created": 0, "model": body["model"],
+                                "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                    "role": "assistant", "content": str(1 + len(answer) % 10)}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_judge_reward_reaches_the_named_judge_with_the_key_from_the_environment(tiny_model_path, tmp_path,
+                                                                                monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "s3cret-key")
+    out = tmp_path / "run"
+    with loopback_judge() as (url, seen):
+        summary, samples = _run(tiny_model_path, out, "--judge-model", "grader", "--judge-base-url", url,
+                                "--judge-api-key-env", "JUDGE_KEY", limit=2, reward="judge")
+    assert len(seen) == len(samples) == 2 * (4 + 2)
+    assert {(path, auth, model) for path, auth, model, _ in seen} == {
+        ("/v1/chat/completions", "Bearer s3cret-key", "grader")}
+    assert samples["reward"].tolist() == [1 + len(text) % 10 for text in samples["text"]]
+    run_json = (out / "run.json").read_text()
+    assert json.loads(run_json)["settings"]["judge_model"] == "grader" and "s3cret-key" not in run_json
+    with pytest.raises(ValueError, match=r"other settings \(judge_model: 'grader' -> 'other'\)"):
+        _run(tiny_model_path, out, "--judge-model", "other", limit=2, reward="judge")
+
+
+def test_an_unset_judge_key_variable_is_one_sentence(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--reward-model", "judge", "--judge-model", "g", "--judge-api-key-env", "NO_SUCH_KEY_VARIABLE"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == ("python -m bonbench measure: error: --judge-api-key-env "
+                                               "NO_SUCH_KEY_VARIABLE: no such environment variable is set")
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,219 @@
+"""Estimators over stored samples: what Best-of-N and a sampled method score, per prompt and overall.
+
+Pure functions on arrays and sample tables (pandas DataFrames with the columns of
+``bonbench.samplestore.SAMPLE_COLUMNS``); no file, model or socket is opened here. The Best-of-N
+mathematics they rest on is in ``bonbench/bon.py``; what each estimator estimates, and why, is in
+the docstring of ``bonbench/measure.py``. Checked against brute force in
+``tests/bonbench/test_estimators.py``.
+
+A prompt's samples come in three roles: ``reference`` (K draws of π_ref that quantiles and win
+rates are taken against), ``candidate`` (M further draws of π_ref that Best-of-N selects from) and
+``policy`` (draws of another method, told apart by the ``policy`` column). Every per-prompt
+number is unbiased for its per-prompt expectation; the summary weighs prompts equally and its
+standard errors are across prompts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Sequence
+
+import numpy as np
+
+from bonbench import bon
+
+__all__ = [
+    "bon_pairs",
+    "bon_prompt_rows",
+    "duplicate_rate",
+    "log_quantile_theory",
+    "mean_se",
+    "prompt_stats",
+    "sampled_prompt_row",
+    "summarize",
+]
+
+Pairs = tuple[np.ndarray, np.ndarray]  # (a method's rewards, the rewards of the references they face)
+
+
+def log_quantile_theory(n: int, k: int) -> float:
+    """``E[log((c + 1)/(k + 1))]`` for an exact Best-of-n sample under continuous rewards.
+
+    The sample's quantile is ``U ~ Beta(n, 1)`` (the largest of n uniforms) and the count of
+    k independent references at or below it is ``c | U ~ Binomial(k, U)``, so
+    ``P(c) = C(k, c) · n · B(c + n, k − c + 1)``.
+    """
+    from scipy.special import betaln, gammaln
+
+    c = np.arange(k + 1, dtype=np.float64)
+    log_p = gammaln(k + 1.0) - gammaln(c + 1.0) - gammaln(k - c + 1.0) + math.log(n) + betaln(c + n, k - c + 1.0)
+    return float(np.sum(np.exp(log_p) * np.log((c + 1.0) / (k + 1.0))))
+
+
+def bon_pairs(candidate_rewards, reference_rewards, n: int) -> Pairs:
+    """Disjoint Best-of-n comparisons of one prompt.
+
+    Args:
+        candidate_rewards: shape ``(M,)``, in draw order.
+        reference_rewards: shape ``(K,)``, in draw order.
+        n: the N of Best-of-N.
+
+    Returns:
+        (best rewards, reference rewards), each ``(G,)`` with ``G = min(⌊M/n⌋, K)``: the
+        candidates are cut into groups of n in draw order and the best of group g faces reference g.
+    """
+    cand, ref = np.asarray(candidate_rewards, float), np.asarray(reference_rewards, float)
+    groups = min(len(cand) // n, len(ref))
+    best = cand[: groups * n].reshape(groups, n).max(axis=1)
+    return best, ref[:groups]
+
+
+def duplicate_rate(texts: Sequence[str]) -> float:
+    """Share of identical pairs among ``texts`` (NaN for fewer than two): an unbiased estimate of
+    ``Σ_y π(y)²`` when the texts are independent draws of π."""
+    count = len(texts)
+    if count < 2:
+        return float("nan")
+    same = sum(c * (c - 1) // 2 for c in Counter(texts).values())
+    return same / (count * (count - 1) / 2)
+
+
+def mean_se(values) -> tuple[float, float]:
+    """(mean, standard error of the mean) of ``values`` (shape ``(P,)``), NaNs left out; the
+    error is NaN with fewer than two values, both are NaN with none."""
+    values = np.asarray(values, float)
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    se = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return float(values.mean()), float(se)
+
+
+def bon_prompt_rows(pool, ns: Sequence[int]) -> tuple[list[dict], dict[str, Pairs]]:
+    """One prompt's ``BoN-N`` rows, one per N, and their disjoint comparisons.
+
+    ``pool``: the prompt's ``reference`` and ``candidate`` rows. The reward is the U-statistic
+    ``E[max of N]`` over the whole pool (K + M samples); the log quantile and ``win_rate_all`` are
+    averaged over every N-subset of the candidates, against the references.
+    """
+    ref = pool[pool["role"] == "reference"].sort_values("sample_index")
+    cand = pool[pool["role"] == "candidate"].sort_values("sample_index")
+    ref_r, cand_r = ref["reward"].to_numpy(float), cand["reward"].to_numpy(float)
+    if max(ns) > len(cand_r):
+        raise ValueError(f"N = {max(ns)} exceeds the {len(cand_r)} candidates stored per prompt")
+    quant = bon.mc_quantiles(cand_r, ref_r)
+    cand_logq = bon.log_quantile(cand_r, ref_r)
+    cand_win = 0.5 * (quant.p_less + quant.p_leq)
+    mean_tokens = pool["num_tokens"].mean()
+    sample_s, reward_s = pool["sample_seconds"].mean(), pool["reward_seconds"].mean()
+    dup = duplicate_rate(list(pool["text"]))
+    rows, pairs = [], {}
+    for n in ns:
+        mine, theirs = bon_pairs(cand_r, ref_r, n)
+        method = f"BoN-{n}"
+        pairs[method] = (mine, theirs)
+        rows.append({"method": method, "n": n,
+                     "reward": float(bon.expected_best_of(pool["reward"].to_numpy(float), n)),
+                     "log_quantile": float(bon.expected_best_of(cand_logq, n)),
+                     "win_rate": bon.win_rate(mine, theirs).rate, "win_pairs": len(mine),
+                     "win_rate_all": float(bon.expected_best_of(cand_win, n)),
+                     "kl_measured": float("nan"), "duplicate_rate": dup,
+                     "tokens_per_request": n * mean_tokens,
+                     "seconds_per_request": n * sample_s + (n * reward_s if n > 1 else 0.0)})
+    return rows, pairs
+
+
+def sampled_prompt_row(method: str, samples, reference_rewards) -> tuple[dict, Pairs]:
+    """One prompt's row for a method that is sampled directly (one answer per request).
+
+    Args:
+        method: the row's label.
+        samples: the method's rows for the prompt, with ``logprob`` (log π) and ``ref_logprob``
+            (log π_ref) of each answer.
+        reference_rewards: shape ``(K,)``, the prompt's references in draw order.
+
+    Returns:
+        the row, and the comparisons of sample i with reference i (``min(S, K)`` pairs).
+    """
+    samples = samples.sort_values("sample_index")
+    rewards, ref_r = samples["reward"].to_numpy(float), np.asarray(reference_rewards, float)
+    count = min(len(rewards), len(ref_r))
+    pairs = (rewards[:count], ref_r[:count])
+    quant = bon.mc_quantiles(rewards, ref_r)
+    row = {"method": method, "n": 1, "reward": float(rewards.mean()),
+           "log_quantile": float(bon.log_quantile(rewards, ref_r).mean()),
+           "win_rate": bon.win_rate(*pairs).rate, "win_pairs": count,
+           "win_rate_all": float((0.5 * (quant.p_less + quant.p_leq)).mean()),
+           "kl_measured": float((samples["logprob"] - samples["ref_logprob"]).mean()),
+           "duplicate_rate": duplicate_rate(list(samples["text"])),
+           "tokens_per_request": float(samples["num_tokens"].mean()),
+           "seconds_per_request": float(samples["sample_seconds"].mean())}
+    return row, pairs
+
+
+def prompt_stats(samples, ns: Sequence[int]) -> tuple[list[dict], dict[str, Pairs]]:
+    """One prompt's per-method statistics and win-rate pairs.
+
+    ``samples``: the prompt's rows of the samples table. Best-of-N rows come first (``BoN-N``),
+    then one row per policy (``policy:<slug>`` by the ``policy`` column, ``policy`` if it is
+    empty). Returns the rows, each with the prompt's ``prompt_index`` and ``prompt_id``, and per
+    method the (own rewards, reference rewards) of its disjoint comparisons.
+    """
+    base = {"prompt_index": int(samples["prompt_index"].iloc[0]), "prompt_id": samples["prompt_id"].iloc[0]}
+    is_policy = samples["role"] == "policy"
+    rows, pairs = bon_prompt_rows(samples[~is_policy], ns)
+    ref = samples[samples["role"] == "reference"].sort_values("sample_index")
+    for label, group in samples[is_policy].groupby("policy", sort=False):
+        method = f"policy:{label}" if label else "policy"
+        row, pairs[method] = sampled_prompt_row(method, group, ref["reward"].to_numpy(float))
+        rows.append(row)
+    return [base | row for row in rows], pairs
+
+
+def _summary_row(method: str, group, pairs: list[Pairs], k: int, policy_path: str) -> dict:
+    n = int(group["n"].iloc[0])
+    is_bon = method.startswith("BoN-")
+    win = bon.win_rate(np.concatenate([m for m, _ in pairs]), np.concatenate([t for _, t in pairs]))
+    reward, reward_se = mean_se(group["reward"])
+    logq, logq_se = mean_se(group["log_quantile"])
+    kl, kl_se = mean_se(group["kl_measured"])
+    return {
+        "method": method, "n": n, "prompts": len(group),
+        "reward": reward, "reward_se": reward_se,
+        "log_quantile": logq, "log_quantile_se": logq_se,
+        "log_quantile_theory": log_quantile_theory(n, k) if is_bon else float("nan"),
+        "win_rate": win.rate, "win_low": win.low, "win_high": win.high, "win_pairs": win.count,
+        "win_rate_all": float(group["win_rate_all"].mean()),
+        "win_rate_theory": float(bon.bon_win_rate(n)) if is_bon else float("nan"),
+        "kl_measured": kl, "kl_measured_se": kl_se,
+        "kl_analytic": float(bon.bon_kl(n)) if is_bon else float("nan"),
+        "duplicate_rate": float(group["duplicate_rate"].mean()),
+        "tokens_per_request": float(group["tokens_per_request"].mean()),
+        "seconds_per_request": float(group["seconds_per_request"].mean()),
+        "policy_path": policy_path,
+    }
+
+
+def summarize(samples, ns: Sequence[int], k: int, policy_paths: dict[str, str] | None = None):
+    """``(per_prompt, summary)`` DataFrames from a samples table: one row per (prompt, method), and
+    one per method with its means, standard errors, pooled win rate and the Best-of-N theory.
+
+    ``k``: the references per prompt (for ``log_quantile_theory``). ``policy_paths``: slug -> path
+    of the policies, for the summary's ``policy_path`` column.
+    """
+    import pandas as pd
+
+    rows, pairs = [], {}
+    for _, group in samples.groupby("prompt_index", sort=True):
+        prompt_rows, prompt_pairs = prompt_stats(group, ns)
+        rows += prompt_rows
+        for method, pair in prompt_pairs.items():
+            pairs.setdefault(method, []).append(pair)
+    per_prompt = pd.DataFrame(rows)
+    summary = [
+        _summary_row(method, group, pairs[method], k,
+                     "" if method.startswith("BoN-") else (policy_paths or {}).get(method.partition(":")[2], ""))
+        for method, group in per_prompt.groupby("method", sort=False)
+    ]
+    return per_prompt, pd.DataFrame(summary)

@@ -1,0 +1,185 @@
+"""A run folder on disk: samples stored per method and prompt, ``run.json``, and the result tables.
+
+    OUT/run.json                                  settings, config, registered policies
+    OUT/samples/prompt-<index>.parquet            the reference pool of a prompt (method "")
+    OUT/samples/<method>/prompt-<index>.parquet   any other method's samples of it
+    OUT/{samples,per_prompt,summary}.{parquet,csv}, OUT/summary.md
+
+Every file is written to a temporary name and renamed, so an interrupted run leaves whole files
+only, and a rerun samples just the prompts a method has no file for (``SampleStore.missing``).
+Each stored file is checked against the prompt id it should hold when read back: a changed task
+under an old folder is an error, not a silent mix. ``bonbench measure`` stores its pool under
+method ``""`` and a policy under ``policy-<slug>``; other commands pick their own labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+SAMPLE_COLUMNS = ["prompt_index", "prompt_id", "role", "policy", "sample_index", "text", "num_tokens",
+                  "finish_reason", "logprob", "ref_logprob", "sample_seconds", "reward", "reward_seconds", "created"]
+
+__all__ = ["SAMPLE_COLUMNS", "SampleStore", "policy_slug", "to_markdown", "write_atomic"]
+
+
+def write_atomic(frame, path: Path) -> None:
+    """``frame`` as parquet at ``path``, through a temporary sibling and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def policy_slug(path: str) -> str:
+    """A folder-name label for a policy: the last two parts of its path or hub id, ``-``-joined
+    (``runs/jbond/policy`` -> ``jbond-policy``)."""
+    parts = [part for part in Path(path).parts if part not in ("/", ".", "..")]
+    slug = re.sub(r"[^A-Za-z0-9._]+", "-", "-".join(parts[-2:])).strip("-.")
+    return slug or "policy"
+
+
+def _policy_key(path: str) -> str:
+    """What identifies a policy: the resolved folder, or the name as given (a hub id)."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleStore:
+    """The run folder ``root``; ``method`` names a sample folder (``""``: ``samples/`` itself)."""
+
+    root: Path
+
+    # ------------------------------------------------------------------ samples per prompt
+
+    def folder(self, method: str = "") -> Path:
+        return self.root / "samples" / method if method else self.root / "samples"
+
+    def file(self, index: int, method: str = "") -> Path:
+        return self.folder(method) / f"prompt-{index:05d}.parquet"
+
+    def missing(self, items: Iterable[dict], method: str = "") -> list[dict]:
+        """The prompts of ``items`` (dicts with ``index``) that ``method`` has no file for."""
+        return [item for item in items if not self.file(item["index"], method).exists()]
+
+    def write(self, frame, index: int, method: str = "") -> None:
+        write_atomic(frame, self.file(index, method))
+
+    def read(self, item: dict, method: str = ""):
+        """The stored samples of prompt ``item`` (``index``, ``id``) under ``method``, checked to
+        hold that prompt."""
+        import pandas as pd
+
+        path = self.file(item["index"], method)
+        frame = pd.read_parquet(path)
+        if set(frame["prompt_id"]) != {item["id"]}:
+            raise ValueError(f"{path} holds prompt {frame['prompt_id'].iloc[0]!r}, but prompt "
+                             f"{item['index']} of the task is {item['id']!r}")
+        return frame
+
+    # ------------------------------------------------------------------ run.json
+
+    def read_run(self) -> dict | None:
+        saved = self.root / "run.json"
+        return json.loads(saved.read_text()) if saved.exists() else None
+
+    def write_run(self, data: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / ".run.json.tmp"
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(self.root / "run.json")
+
+    def check_settings(self, settings: dict[str, Any], defaults: dict[str, Any], config: dict[str, Any]) -> None:
+        """Start ``run.json`` with ``settings`` (what the stored samples depend on) and ``config``,
+        or, if it exists, refuse settings other than the stored ones. A setting the stored run
+        does not record (added to the command later) is compared with its default in ``defaults``."""
+        saved = self.read_run()
+        if saved is None:
+            self.write_run({"settings": settings, "config": config, "policies": []})
+            return
+        before = saved["settings"]
+        changed = {k: (before.get(k, defaults.get(k)), v) for k, v in settings.items()
+                   if before.get(k, defaults.get(k)) != v}
+        if changed:
+            detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(f"{self.root} holds a run with other settings ({detail}); use a new --out")
+
+    # ------------------------------------------------------------------ policies
+
+    def policies(self) -> list[dict]:
+        """``run.json``'s policy entries (``slug``, ``path``, ``resolved``, ``policy_samples``)."""
+        return (self.read_run() or {}).get("policies", [])
+
+    @staticmethod
+    def policy_method(slug: str) -> str:
+        return f"policy-{slug}"
+
+    def register_policy(self, path: str, policy_samples: int) -> dict:
+        """The entry of policy ``path`` in ``run.json``, added under a slug no other policy of the
+        run has if it is new. A policy is known by its resolved folder (or its name, for a hub id)
+        and keeps the number of samples per prompt it was first measured with."""
+        data = self.read_run()
+        policies = data.setdefault("policies", [])
+        key = _policy_key(path)
+        for entry in policies:
+            if entry["resolved"] == key or entry["path"] == path:
+                if entry["policy_samples"] != policy_samples:
+                    raise ValueError(
+                        f"{self.root} holds samples of policy {entry['path']} drawn with --policy-samples "
+                        f"{entry['policy_samples']}, not {policy_samples}; use that, or delete "
+                        f"{self.folder(self.policy_method(entry['slug']))} and its entry in run.json")
+                return entry
+        taken = {entry["slug"] for entry in policies}
+        base = slug = policy_slug(path)
+        count = 1
+        while slug in taken or self.folder(self.policy_method(slug)).exists():
+            count += 1
+            slug = f"{base}-{count}"
+        entry = {"slug": slug, "path": path, "resolved": key, "policy_samples": policy_samples}
+        policies.append(entry)
+        self.write_run(data)
+        return entry
+
+    def load_samples(self, items: Sequence[dict], policies: Sequence[dict] = ()):
+        """The stored samples of ``items`` that have a pool file, as one table in ``SAMPLE_COLUMNS``:
+        per prompt its pool, then the samples of each of ``policies`` (``run.json`` entries) it has.
+        None if no prompt has a pool yet."""
+        import pandas as pd
+
+        frames = []
+        for item in items:
+            if not self.file(item["index"]).exists():
+                continue
+            frames.append(self.read(item))
+            for entry in policies:
+                method = self.policy_method(entry["slug"])
+                if self.file(item["index"], method).exists():
+                    frames.append(self.read(item, method).assign(policy=entry["slug"]))
+        return pd.concat(frames, ignore_index=True)[SAMPLE_COLUMNS] if frames else None
+
+    # ------------------------------------------------------------------ result tables
+
+    def write_tables(self, tables: dict[str, Any]) -> None:
+        """Each DataFrame of ``tables`` as ``<name>.parquet`` and ``<name>.csv``; ``summary`` also
+        as ``summary.md``."""
+        for name, frame in tables.items():
+            frame.to_parquet(self.root / f"{name}.parquet", index=False)
+            frame.to_csv(self.root / f"{name}.csv", index=False)
+        if "summary" in tables:
+            (self.root / "summary.md").write_text(to_markdown(tables["summary"]) + "\n")
+
+
+def to_markdown(frame, digits: int = 4) -> str:
+    """A GitHub markdown table (pandas' own ``to_markdown`` needs ``tabulate``); NaN cells are empty."""
+    def cell(value):
+        if isinstance(value, float):
+            return "" if math.isnan(value) else f"{value:.{digits}f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
