@@ -19,7 +19,7 @@ trained model, so only the tokens must be exact samples.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Collection, Protocol, Sequence
 
 from bonbench.backends.base import Candidate
 from distill.policy import Draw
@@ -52,6 +52,16 @@ class Generator(Protocol):
 
 
 ENGINES = ("transformers", "vllm")
+
+
+def check_draws(draws: Sequence[Draw], roles: Collection[str], closed: bool) -> None:
+    """What every engine refuses before it samples: any call once closed, a role the run lacks."""
+    if closed:
+        raise RuntimeError("this generator is closed")
+    for d in draws:
+        missing = [r for r in (d.role, *d.score_under) if r not in roles]
+        if missing:
+            raise ValueError(f"this run has no {missing[0]}")
 
 
 def make_generator(cfg, policies) -> Generator:

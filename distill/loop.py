@@ -114,7 +114,8 @@ class Context:
 
 
 def build_context(cfg: TrainConfig, recipe: Recipe) -> Context:
-    """Models, reward and (under ``accelerate launch``) the process group."""
+    """Models, reward, the generation engine and (under ``accelerate launch``) the process group.
+    The caller owns the context: close it, or use it in a ``with`` block."""
     from accelerate import Accelerator
 
     from bonbench.backends.transformers import load_causal_lm

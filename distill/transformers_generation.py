@@ -16,6 +16,7 @@ import torch
 
 from bonbench.backends.base import Candidate, SamplingParams
 from bonbench.backends.sampling import SampleRequest, sample
+from distill.generation import check_draws
 from distill.policy import Draw, Role
 
 
@@ -36,12 +37,7 @@ class TransformersGenerator:
     def generate(self, prompts: Sequence[list[int]], draws: Sequence[Draw],
                  max_tokens: int) -> list[list[list[Candidate]]]:
         """See ``distill.generation.Generator.generate``."""
-        if self._modules is None:
-            raise RuntimeError("this generator is closed")
-        for d in draws:
-            missing = [r for r in (d.role, *d.score_under) if r not in self._modules]
-            if missing:
-                raise ValueError(f"this run has no {missing[0]}")
+        check_draws(draws, self._modules or (), self.closed)
         out: list[list[list[Candidate]] | None] = [None] * len(draws)
         by_module: dict[int, list[int]] = {}
         for k, d in enumerate(draws):

@@ -56,6 +56,7 @@ from typing import Callable, Sequence
 import torch
 
 from bonbench.backends.base import Candidate
+from distill.generation import check_draws
 from distill.policy import Draw, Role
 
 log = logging.getLogger(__name__)
@@ -161,12 +162,7 @@ class VLLMGenerator:
         """See ``distill.generation.Generator.generate``. ``score_under`` is left to the caller."""
         from vllm import SamplingParams
 
-        if self.llm is None:
-            raise RuntimeError("this generator is closed")
-        for d in draws:
-            missing = [r for r in (d.role, *d.score_under) if r not in self.roles]
-            if missing:
-                raise ValueError(f"this run has no {missing[0]}")
+        check_draws(draws, self.roles, self.closed)
         too_long = [len(p) for p in prompts if len(p) + max_tokens > self.max_model_len]
         if too_long:
             raise ValueError(f"a prompt of {max(too_long)} tokens plus max_tokens {max_tokens} exceeds vLLM's "
