@@ -11,7 +11,13 @@ from bonbench.config import field
 class TrainConfig:
     # -- models -------------------------------------------------------------------------------
     model: str = field("default", "reference policy: 'default' (embedded SmolLM2-135M-Instruct), hub id or folder")
-    reward_model: str = field("default", "reward: 'default', a HF reward model, 'module:function' or 'judge'")
+    reward_model: str = field("default", "reward: 'default', a HF reward model, 'module:function' or 'judge' "
+                                         "(an LLM judge: see --judge-model)")
+    judge_model: str = field("", "--reward-model judge: the judge's model name at --judge-base-url")
+    judge_base_url: str = field("", "--reward-model judge: OpenAI-compatible base URL of the judge "
+                                    "(default: OpenAI's), e.g. http://127.0.0.1:8001/v1")
+    judge_api_key_env: str = field("OPENAI_API_KEY", "--reward-model judge: environment variable holding the "
+                                                     "judge's API key (the key itself never lands in the run folder)")
     lora: bool = field(True, "train LoRA adapters (policy and anchor share the base); false: full fine-tuning")
     lora_r: int = field(16, "LoRA rank")
     lora_alpha: int = field(32, "LoRA alpha")
@@ -65,5 +71,10 @@ class TrainConfig:
             raise ValueError("lr must be > 0")
         if self.generation not in ("transformers", "vllm"):
             raise ValueError(f"generation must be 'transformers' or 'vllm', got {self.generation!r}")
+        if self.reward_model == "judge" and not self.judge_model:
+            raise ValueError("--reward-model judge needs --judge-model: the model name the judge's server answers to")
+        if self.reward_model != "judge" and (self.judge_model or self.judge_base_url):
+            raise ValueError(f"--judge-model and --judge-base-url configure --reward-model judge; the reward is "
+                             f"{self.reward_model!r}, so the judge would never be asked")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError("vllm_gpu_memory_utilization is a share of the GPU's memory: in (0, 1]")

@@ -46,13 +46,11 @@ class Evaluator:
 
     def run(self, seed: int) -> dict[str, float]:
         refs = self.reference_rewards(seed)
-        samples = [row[0] for row in self.ctx.sample("policy", self.prompts, 1, seed=seed + 11, score_under=("ref",))]
+        # "policy" in score_under: the trained model's log pi(y), not an external engine's (precision)
+        samples = [row[0] for row in self.ctx.sample("policy", self.prompts, 1, seed=seed + 11,
+                                                     score_under=("ref", "policy"))]
         rewards = self.ctx.score(self.prompts.messages, [c.text for c in samples]).numpy()
-        if self.ctx.policies.generator is None:
-            policy_lp = np.array([c.logprob for c in samples])
-        else:  # an external engine's log-probs may differ in precision from the trained model's
-            answers = [c.token_ids for c in samples]
-            policy_lp = self.ctx.policies.logprobs("policy", self.prompts.ids, answers).double().numpy()
+        policy_lp = np.array([c.logprob_under["policy"] for c in samples])
         ref_lp = np.array([c.logprob_under["ref"] for c in samples])
         win = bon.win_rate(rewards, refs[:, 0])
         all_refs = bon.win_rate(np.repeat(rewards, refs.shape[1]), refs.reshape(-1))

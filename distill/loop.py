@@ -16,19 +16,22 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 
-from bonbench.backends.base import Prompt
+from bonbench.backends.base import Candidate, Prompt
 from bonbench.rewards.base import RewardModel, checked_scores
 from distill.config import TrainConfig
+from distill.generation import Generator, make_generator
 from distill.losses import LossOutput
-from distill.policy import Draw, Policies
+from distill.policy import Draw, Policies, Role
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +61,15 @@ class Recipe(Protocol):
 
 @dataclass
 class Context:
+    """What a run holds while it trains; it owns the generator and closes it (``close``, or ``with``)."""
+
     cfg: TrainConfig
     policies: Policies
     reward: RewardModel
-    timings: dict[str, float]
+    generator: Generator
     accelerator: "Accelerator"  # noqa: F821  (accelerate's; one process unless launched with several)
+    timings: dict[str, float] = dataclass_field(default_factory=dict)
+    version: int = 0  # weight updates so far (optimiser steps, anchor updates, a restored checkpoint)
 
     def score(self, prompts: Sequence[Prompt], texts: Sequence[str]) -> torch.Tensor:
         started = time.perf_counter()
@@ -70,28 +77,50 @@ class Context:
         self.timings["reward_s"] = self.timings.get("reward_s", 0.0) + time.perf_counter() - started
         return torch.tensor(scores, dtype=torch.float64)
 
-    def sample(self, role, batch: Batch, n: int, seed: int, score_under: tuple = ()):
+    def sample(self, role: Role, batch: Batch, n: int, seed: int, score_under: tuple[Role, ...] = ()):
         return self.sample_together(batch, [Draw(role, n, seed, score_under)])[0]
 
-    def sample_together(self, batch: Batch, draws: Sequence[Draw]):
-        """Per draw, the candidates per prompt (see ``Policies.sample_together``)."""
+    def sample_together(self, batch: Batch, draws: Sequence[Draw]) -> list[list[list[Candidate]]]:
+        """Per draw, the candidates per prompt, each scored under the draw's ``score_under`` roles."""
         started = time.perf_counter()
-        out = self.policies.sample_together(batch.ids, draws, self.cfg.max_tokens)
+        out = self.generator.generate(batch.ids, draws, self.cfg.max_tokens)
+        for d, rows in zip(draws, out):
+            flat = [(p, c) for p, row in zip(batch.ids, rows) for c in row]
+            for role in d.score_under:
+                todo = [(p, c) for p, c in flat if role not in c.logprob_under]
+                if todo:  # the roles the engine did not score itself
+                    scores = self.policies.logprobs(role, [p for p, _ in todo], [c.token_ids for _, c in todo])
+                    for (_, c), v in zip(todo, scores.tolist()):
+                        c.logprob_under[role] = v
         self.timings["sample_s"] = self.timings.get("sample_s", 0.0) + time.perf_counter() - started
         return out
+
+    def weights_changed(self) -> None:
+        """The policy's or the anchor's weights moved: the generator samples the new ones from now on."""
+        self.version += 1
+        self.generator.sync(self.version)
+
+    def close(self) -> None:
+        self.generator.close()
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # -- set-up ------------------------------------------------------------------------------------
 
 
 def build_context(cfg: TrainConfig, recipe: Recipe) -> Context:
-    """Models, reward and (under ``accelerate launch``) the process group."""
+    """Models, reward, the generation engine and (under ``accelerate launch``) the process group.
+    The caller owns the context: close it, or use it in a ``with`` block."""
     from accelerate import Accelerator
 
     from bonbench.backends.transformers import load_causal_lm
     from bonbench.models import resolve_policy
     from bonbench.rewards import load_reward
-    from distill.generation import make_generator
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -108,11 +137,14 @@ def build_context(cfg: TrainConfig, recipe: Recipe) -> Context:
                         lora_targets=cfg.lora_targets, lora_top_layers=cfg.lora_top_layers,
                         with_anchor=recipe.needs_anchor)
     policies.prepare(accelerator)
-    policies.generator = make_generator(cfg, policies)
-    reward = load_reward(cfg.reward_model, device=device)
+    reward = load_reward(cfg.reward_model, device=device, judge_model=cfg.judge_model or None,
+                         judge_base_url=cfg.judge_base_url or None,
+                         judge_api_key=os.environ.get(cfg.judge_api_key_env) if cfg.judge_api_key_env else None)
     if reward is None:
         raise ValueError("distillation needs a reward model; --reward-model none is for serving")
-    return Context(cfg, policies, reward, {}, accelerator)
+    # Last: nothing that can fail comes after the engine starts, so the caller always gets it to close.
+    generator = make_generator(cfg, policies)
+    return Context(cfg, policies, reward, generator, accelerator)
 
 
 def load_prompts(cfg: TrainConfig, tokenizer, split: str, limit: int = 0) -> Batch:
@@ -140,6 +172,35 @@ def _subset(batch: Batch, indices: Sequence[int]) -> Batch:
     return Batch([batch.ids[i] for i in indices], [batch.messages[i] for i in indices])
 
 
+# -- the run folder ----------------------------------------------------------------------------
+
+MIN_FREE_BYTES = 100 * 2**20  # metrics, a LoRA checkpoint and the saved adapter; full weights need more
+
+
+class RunFolderError(TrainingError):
+    """The run folder cannot be created, written or filled."""
+
+
+def check_run_folder(out: Path, min_free_bytes: int = MIN_FREE_BYTES) -> None:
+    """Create ``out`` and make sure a file can be written in it and the disk has room, so a bad
+    ``--out`` fails in a sentence before any model loads rather than after the first steps."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunFolderError(f"cannot create the run folder {out} ({exc.strerror or exc}): "
+                             "choose a writable --out") from exc
+    try:
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise RunFolderError(f"cannot write in the run folder {out} ({exc.strerror or exc}): "
+                             "choose a writable --out") from exc
+    free = shutil.disk_usage(out).free
+    if free < min_free_bytes:
+        raise RunFolderError(f"the disk of the run folder {out} has {free / 2**20:.0f} MiB free, less than the "
+                             f"{min_free_bytes / 2**20:.0f} MiB a run needs: free some space or choose another --out")
+
+
 # -- checkpoints -------------------------------------------------------------------------------
 
 
@@ -164,6 +225,7 @@ def load_checkpoint(out: Path, ctx: Context, optimizer, scheduler) -> int:
         return 0
     state = torch.load(path, map_location="cpu", weights_only=False)
     ctx.policies.load_state_dict(state["weights"])
+    ctx.weights_changed()
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"])
@@ -231,15 +293,26 @@ def _micro_step(ctx: Context, recipe: Recipe, batch: Batch, seed: int, sync: boo
 def train(cfg: TrainConfig, recipe: Recipe, ctx: Context | None = None) -> Path:
     """Run (or resume) a training run; returns the run folder.
 
+    The run folder is checked first, before any model loads. Without ``ctx`` the run builds its
+    context and closes it (the generator with it) however the run ends; a ``ctx`` passed in stays
+    open for its owner, who closes it.
+
     Under ``accelerate launch`` each process takes its share of every step's prompts, gradients
     are averaged by DDP, and the main process alone evaluates, logs and writes checkpoints.
     """
+    check_run_folder(Path(cfg.out))
+    if ctx is not None:
+        return _train(cfg, recipe, ctx)
+    with build_context(cfg, recipe) as ctx:
+        return _train(cfg, recipe, ctx)
+
+
+def _train(cfg: TrainConfig, recipe: Recipe, ctx: Context) -> Path:
     from tqdm.auto import tqdm
 
     from distill.evaluate import Evaluator
 
     out = Path(cfg.out)
-    ctx = ctx or build_context(cfg, recipe)
     acc = ctx.accelerator
     main = acc.is_main_process
     if main:
@@ -282,7 +355,7 @@ def train(cfg: TrainConfig, recipe: Recipe, ctx: Context | None = None) -> Path:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         recipe.after_step(ctx, step + 1)
-        ctx.policies.weights_changed()
+        ctx.weights_changed()
         row = _mean_over_processes(acc, {**sums, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                                          "step_s": time.perf_counter() - started, **ctx.timings})
         last = step + 1 == cfg.steps
@@ -306,8 +379,14 @@ def train(cfg: TrainConfig, recipe: Recipe, ctx: Context | None = None) -> Path:
 
 def run_recipe(config_cls: type, recipe_cls: type, argv: list[str] | None, prog: str, doc: str) -> Path:
     """A recipe's command line: logging, the config from flags and YAML, then ``train``."""
+    import sys
+
     from bonbench.config import parse_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_config(config_cls, argv, prog=prog, description=doc.split("\n\n")[0])
-    return train(cfg, recipe_cls(cfg))
+    try:
+        return train(cfg, recipe_cls(cfg))
+    except RunFolderError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

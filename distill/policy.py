@@ -2,7 +2,8 @@
 
 With LoRA the policy and the anchor are two adapters on one frozen base, and the reference is the
 base with adapters disabled: one model in memory. With full fine-tuning the anchor is an EMA copy
-of the weights and the reference a frozen copy. ``sample`` and ``logprobs`` take the role by name.
+of the weights and the reference a frozen copy. ``logprobs`` takes the role by name; samples come
+from a generator (``distill/generation.py``) built from ``role_modules`` or ``save_role``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Literal
 
 import torch
 
-from bonbench.backends.base import Candidate, SamplingParams
-from bonbench.backends.sampling import BASE, SampleRequest, sample
+from bonbench.backends.sampling import BASE
 from bonbench.backends.transformers import eos_ids
 from bonbench.logprobs import sequence_logprobs
 
@@ -26,8 +26,9 @@ _ADAPTER = {"policy": "policy", "anchor": "anchor", "ref": BASE}
 
 @dataclass(frozen=True)
 class Draw:
-    """``n`` answers per prompt from ``role``, each also scored under the roles in ``score_under``
-    (``Candidate.logprob_under[role]``, no gradient)."""
+    """``n`` answers per prompt from ``role``, each also scored by the trained model under the roles in
+    ``score_under`` (``Candidate.logprob_under[role]``, no gradient). Naming the draw's own role gives
+    the trained model's log-prob, where an external engine's ``Candidate.logprob`` may differ in precision."""
 
     role: Role
     n: int
@@ -61,11 +62,25 @@ class Policies:
             self.ref_model = copy.deepcopy(model).requires_grad_(False)
             self.anchor_model = copy.deepcopy(model).requires_grad_(False) if with_anchor else None
         self.train_model = self.model
-        self.generator = None  # set by distill.generation: samples come from another engine (vLLM)
-        self.version = 0  # bumped whenever the policy's or the anchor's weights change
         self.model.eval()  # no dropout: sampled and scored log-probabilities are the same policy
 
     # -- roles ------------------------------------------------------------------------------
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        return ("policy", "anchor", "ref") if self.with_anchor else ("policy", "ref")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def role_modules(self) -> dict[Role, tuple[torch.nn.Module, str | None]]:
+        """Per role, the module that computes it and the PEFT adapter it runs under (``BASE``: adapters
+        off; ``None``: the module as it is). With LoRA every role is the one shared model."""
+        if self.lora:
+            return {r: (self.model, _ADAPTER[r]) for r in self.roles}
+        models = {"policy": self.model, "anchor": self.anchor_model, "ref": self.ref_model}
+        return {r: (models[r], None) for r in self.roles}
 
     @contextlib.contextmanager
     def _role(self, role: Role) -> Iterator:
@@ -86,49 +101,6 @@ class Policies:
         else:
             yield self.model
 
-    def sample(self, role: Role, prompts: list[list[int]], n: int, max_tokens: int, seed: int,
-               score_under: tuple[Role, ...] = ()) -> list[list[Candidate]]:
-        """``n`` answers per prompt from the role's policy (temperature 1, top_p 1: log-probs are log pi)."""
-        return self.sample_together(prompts, [Draw(role, n, seed, score_under)], max_tokens)[0]
-
-    def sample_together(self, prompts: list[list[int]], draws: Sequence[Draw], max_tokens: int) -> list[list[list[Candidate]]]:
-        """Several draws over the same prompts; returns, per draw, the candidates per prompt.
-
-        With LoRA and the in-process sampler all draws run as one mixed-adapter batch: each decoding
-        step reads the weights once for every role, and ``score_under`` costs a shadow row each, not
-        a second pass over the prompts. Otherwise each draw samples on its own and is scored after.
-        """
-        for d in draws:
-            if "anchor" in (d.role, *d.score_under) and not self.with_anchor:
-                raise ValueError("this run has no anchor")
-        def requests(d: Draw, adapters: bool) -> list[SampleRequest]:
-            extra = dict(adapter=_ADAPTER[d.role], score_with=tuple(_ADAPTER[r] for r in d.score_under)) if adapters else {}
-            return [SampleRequest(p, SamplingParams(n=d.n, max_tokens=max_tokens, seed=d.seed * 100_003 + i), **extra)
-                    for i, p in enumerate(prompts)]
-
-        if self.lora and self.generator is None:
-            flat = sample(self.model, self.tokenizer, [r for d in draws for r in requests(d, True)], self.eos,
-                          keep_tokens=False)
-            role_of = {a: r for r, a in _ADAPTER.items()}
-            for c in (c for row in flat for c in row):
-                c.logprob_under = {role_of[a]: v for a, v in c.logprob_under.items()}
-            return [flat[k * len(prompts) : (k + 1) * len(prompts)] for k in range(len(draws))]
-        out = []
-        for d in draws:
-            if self.generator is not None:
-                rows = self.generator.sample(self, d.role, prompts, d.n, max_tokens, d.seed)
-            else:
-                with self._role(d.role) as model:
-                    rows = sample(model, self.tokenizer, requests(d, False), self.eos, keep_tokens=False)
-            flat_prompts = [p for p, row in zip(prompts, rows) for _ in row]
-            flat = [c for row in rows for c in row]
-            for other in d.score_under:
-                scores = self.logprobs(other, flat_prompts, [c.token_ids for c in flat]).tolist()
-                for c, v in zip(flat, scores):
-                    c.logprob_under[other] = v
-            out.append(rows)
-        return out
-
     def logprobs(self, role: Role, prompts: list[list[int]], answers: list[list[int]], *, grad: bool = False,
                  batch_size: int = 16) -> torch.Tensor:
         """Per-sequence log pi(answer | prompt) under the role, shape (len(answers),)."""
@@ -143,10 +115,6 @@ class Policies:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
-
-    def weights_changed(self) -> None:
-        """Called after every optimiser step and anchor update: an external generator re-syncs."""
-        self.version += 1
 
     # -- the anchor ---------------------------------------------------------------------------
 
@@ -183,7 +151,6 @@ class Policies:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.weights_changed()
         if self.lora:
             params = dict(self.model.named_parameters())
             with torch.no_grad():
@@ -194,17 +161,27 @@ class Policies:
         if self.anchor_model is not None:
             self.anchor_model.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("anchor.")})
 
+    def save_role(self, role: Role, folder: Path) -> None:
+        """The role's current weights as a folder ``from_pretrained`` reads: with LoRA a PEFT adapter
+        (the reference, which has none, is refused), with full fine-tuning a whole model."""
+        if role not in self.roles:
+            raise ValueError(f"this run has no {role}")
+        folder = Path(folder)
+        if not self.lora:
+            {"policy": self.model, "anchor": self.anchor_model, "ref": self.ref_model}[role].save_pretrained(folder)
+            return
+        if role == "ref":
+            raise ValueError("with LoRA the reference is the base model: it has no adapter to save")
+        self.model.save_pretrained(folder, selected_adapters=[role])
+        # peft writes a non-default adapter into a sub-folder; keep the adapter at the top level
+        nested = folder / role
+        if nested.is_dir():
+            for f in nested.iterdir():
+                f.replace(folder / f.name)
+            nested.rmdir()
+
     def save_policy(self, folder: Path) -> None:
         """The trained policy alone, loadable by ``bonbench serve --model`` / ``bonbench measure``:
         a LoRA adapter folder (with ``--policy``) or, for full fine-tuning, a whole model folder."""
-        if self.lora:
-            self.model.save_pretrained(folder, selected_adapters=["policy"])
-            # peft writes a non-default adapter into a sub-folder; keep the adapter at the top level
-            nested = folder / "policy"
-            if nested.is_dir():
-                for f in nested.iterdir():
-                    f.replace(folder / f.name)
-                nested.rmdir()
-        else:
-            self.model.save_pretrained(folder)
+        self.save_role("policy", folder)
         self.tokenizer.save_pretrained(folder)

@@ -271,7 +271,7 @@ def front_gap(kl_ref, reward, front_kl, front_reward) -> np.ndarray:
 
 
 @dataclass
-class TrainConfig:
+class TestbedConfig:
     """One training run on the test bed; fields not used by ``method`` are ignored."""
 
     method: str = "bond"  # one of METHODS
@@ -326,7 +326,7 @@ def _mc_log_quantiles(bed: TestBed, samples: torch.Tensor, pool: torch.Tensor) -
 
 def _bond_step(
     bed: TestBed,
-    cfg: TrainConfig,
+    cfg: TestbedConfig,
     sample: _Sampler,
     log_probs: torch.Tensor,
     base_log_probs: torch.Tensor,
@@ -350,7 +350,7 @@ def _bond_step(
 
 def _loss(
     bed: TestBed,
-    cfg: TrainConfig,
+    cfg: TestbedConfig,
     sample: _Sampler,
     log_probs: torch.Tensor,
     anchor_log_probs: torch.Tensor,
@@ -384,7 +384,7 @@ def _loss(
     raise AssertionError(cfg.method)
 
 
-def train(bed: TestBed, cfg: TrainConfig) -> dict[str, list[float]]:
+def train(bed: TestBed, cfg: TestbedConfig) -> dict[str, list[float]]:
     """Train a fresh copy of π_ref with sampled gradients; return the exact metrics over time.
 
     The history has ``step`` and every key of ``TestBed.evaluate`` (with ``n = cfg.n``), recorded

@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from distill.testbed import TestBed, TrainConfig, front_gap, make_testbed, train  # noqa: E402
+from distill.testbed import TestBed, TestbedConfig, front_gap, make_testbed, train  # noqa: E402
 
 BETAS = (0.0, 0.5, 1.0)
 BETAS_RL = (0.001, 0.01, 0.1, 1.0)
@@ -38,7 +38,7 @@ FIG7 = dict(steps=800, lr=0.005, eval_every=10)
 
 def runs(bed: TestBed, seeds: int, **config) -> dict[str, np.ndarray]:
     """Histories of ``seeds`` runs stacked: key -> ``(seeds, evaluations)``."""
-    histories = [train(bed, TrainConfig(seed=s, **config)) for s in range(seeds)]
+    histories = [train(bed, TestbedConfig(seed=s, **config)) for s in range(seeds)]
     return {key: np.array([h[key] for h in histories]) for key in histories[0]}
 
 

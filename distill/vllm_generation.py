@@ -1,14 +1,15 @@
 """vLLM as the trainer's sampling engine: ``--generation vllm``.
 
 One offline ``vllm.LLM`` runs beside the trainer, in the same process, on the base model the
-trainer loaded. ``Policies.sample`` hands it token-id prompts; it draws exact samples from the role's
-*current* weights (temperature 1, top_p 1, no top-k or min-p: the losses assume samples from pi itself)
+trainer loaded. It is a ``distill.generation.Generator``: the loop hands it token-id prompts; it draws
+exact samples from the role's *current* weights (temperature 1, top_p 1, no top-k or min-p: the losses assume samples from pi itself)
 and returns ``Candidate`` objects shaped like the in-process sampler's: ``token_ids`` end with the
 end-of-sequence token when the answer stopped on one (the losses score that token), ``text`` is the
 decoded answer without it, ``logprob`` is vLLM's own sum of log pi over ``token_ids``.
 
-How the engine follows the training (``policies.version`` is bumped after every optimiser step and
-anchor update):
+How the engine follows the training (the loop calls ``sync(version)`` after every optimiser step and
+anchor update; the engine exports a role's weights through the ``export`` function it was given, when
+the role is next sampled):
 
 * LoRA (``--lora true``): the engine holds the frozen base with ``enable_lora``. The roles ``policy``
   and ``anchor`` are LoRA requests. When the version moved, the role's adapter is saved with peft
@@ -29,7 +30,7 @@ Exported weights live in a temporary folder (``$TMPDIR/bonbench-vllm-*``) remove
 
 Limits: one training process (no ``accelerate launch`` with several); the base must be a full model
 folder or hub id, not a LoRA adapter folder; every prompt + ``max_tokens`` must fit in the engine's
-context (``--vllm-max-model-len``), or ``sample`` raises rather than truncate.
+context (``--vllm-max-model-len``), or ``generate`` raises rather than truncate.
 
 Run (GPU)::
 
@@ -50,10 +51,13 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
 from bonbench.backends.base import Candidate
+from distill.generation import check_draws
+from distill.policy import Draw, Role
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +88,15 @@ class WeightSync:
 
 
 class VLLMGenerator:
-    """Samples the trainer's roles with vLLM, re-synced to ``policies.version``."""
+    """Samples the trainer's roles with vLLM (a ``distill.generation.Generator``).
 
-    def __init__(self, cfg, policies):
+    ``cfg`` gives the base model, the seed, LoRA or not and the ``vllm_*`` engine options; ``roles``
+    the roles the run has; ``export(role, folder)`` writes a role's current weights as a folder
+    vLLM loads (a PEFT adapter with LoRA, a whole model otherwise).
+    """
+
+    def __init__(self, cfg, *, roles: Sequence[Role], tokenizer, eos: Sequence[int], dtype: torch.dtype,
+                 export: Callable[[Role, Path], None]):
         try:
             import vllm
             from vllm.inputs import TokensPrompt  # noqa: F401  (fails early on a broken install)
@@ -101,11 +111,14 @@ class VLLMGenerator:
         if (Path(model) / "adapter_config.json").exists():
             raise ValueError(f"{model} is a LoRA adapter; --generation vllm needs a whole model as the base "
                              "(merge the adapter first)")
-        self.lora = policies.lora
-        self.workdir = Path(tempfile.mkdtemp(prefix="bonbench-vllm-"))
-        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.workdir), True)
-        dtype = str(next(policies.model.parameters()).dtype).removeprefix("torch.")
-        engine_kw = dict(dtype=dtype, seed=cfg.seed, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        self.roles = tuple(roles)
+        self.tokenizer = tokenizer
+        self.eos = list(eos)
+        self.lora = cfg.lora
+        self.version = 0
+        self._export = export
+        engine_kw = dict(dtype=str(dtype).removeprefix("torch."), seed=cfg.seed,
+                         gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                          max_model_len=cfg.vllm_max_model_len or None, enforce_eager=cfg.vllm_enforce_eager)
         if self.lora:
             rank = next((r for r in LORA_RANKS if r >= cfg.lora_r), None)
@@ -123,8 +136,15 @@ class VLLMGenerator:
                                           "full weights faithfully; use LoRA (the default), the in-process sampler "
                                           "(--generation transformers), or a GPU build of vLLM")
             engine_kw.update(worker_extension_cls=f"{__name__}.WeightSync")
+        # Made last: from here on the temporary folder and the engine are this object's to release.
+        self.workdir = Path(tempfile.mkdtemp(prefix="bonbench-vllm-"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.workdir), True)
         log.info("starting vLLM %s on %s (%s)", vllm.__version__, model, "LoRA" if self.lora else "full weights")
-        self.llm = vllm.LLM(model, **engine_kw)
+        try:
+            self.llm = vllm.LLM(model, **engine_kw)
+        except BaseException:
+            self._cleanup()
+            raise
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._ids = itertools.count(1)
         self._adapters: dict[str, tuple[int, object]] = {}  # LoRA: role -> (version, LoRARequest)
@@ -133,22 +153,33 @@ class VLLMGenerator:
 
     # -- the seam -------------------------------------------------------------------------------
 
-    def sample(self, policies, role: str, prompts: list[list[int]], n: int, max_tokens: int,
-               seed: int) -> list[list[Candidate]]:
-        """``n`` answers per prompt from the role's current weights, temperature 1."""
+    @property
+    def closed(self) -> bool:
+        return self.llm is None
+
+    def generate(self, prompts: Sequence[list[int]], draws: Sequence[Draw],
+                 max_tokens: int) -> list[list[list[Candidate]]]:
+        """See ``distill.generation.Generator.generate``. ``score_under`` is left to the caller."""
         from vllm import SamplingParams
 
-        if role == "anchor" and not policies.with_anchor:
-            raise ValueError("this run has no anchor")
+        check_draws(draws, self.roles, self.closed)
         too_long = [len(p) for p in prompts if len(p) + max_tokens > self.max_model_len]
         if too_long:
             raise ValueError(f"a prompt of {max(too_long)} tokens plus max_tokens {max_tokens} exceeds vLLM's "
                              f"context of {self.max_model_len}: raise --vllm-max-model-len")
-        # top_k, min_p and the penalties keep vLLM's defaults: off.
-        params = [SamplingParams(n=n, max_tokens=max_tokens, temperature=1.0, top_p=1.0, seed=request_seed(seed, i),
-                                 stop_token_ids=list(policies.eos), logprobs=0, detokenize=False)
-                  for i in range(len(prompts))]
-        return self._generate(policies, role, prompts, params)
+        out = []
+        for d in draws:
+            # top_k, min_p and the penalties keep vLLM's defaults: off.
+            params = [SamplingParams(n=d.n, max_tokens=max_tokens, temperature=1.0, top_p=1.0,
+                                     seed=request_seed(d.seed, i), stop_token_ids=list(self.eos), logprobs=0,
+                                     detokenize=False)
+                      for i in range(len(prompts))]
+            out.append(self._generate(d.role, prompts, params))
+        return out
+
+    def sync(self, version: int) -> None:
+        """Note the new version; a role's weights are exported when it is next sampled."""
+        self.version = version
 
     def close(self) -> None:
         """Stop the engine and delete the exported weights."""
@@ -160,19 +191,19 @@ class VLLMGenerator:
 
     # -- sampling ------------------------------------------------------------------------------
 
-    def _generate(self, policies, role: str, prompts: list[list[int]], params: list) -> list[list[Candidate]]:
+    def _generate(self, role: Role, prompts: Sequence[list[int]], params: list) -> list[list[Candidate]]:
         """Run ``params`` (one vLLM ``SamplingParams`` per prompt) on the role's current weights."""
         from vllm.inputs import TokensPrompt
 
         lora_request = None
         if self.lora:
-            lora_request = None if role == "ref" else self._lora_request(policies, role)
+            lora_request = None if role == "ref" else self._lora_request(role)
         else:
-            self._hold(policies, role)
+            self._hold(role)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                     lora_request=lora_request, use_tqdm=False)
-        eos = set(policies.eos)
-        return [[self._candidate(o, eos, policies.tokenizer) for o in sorted(out.outputs, key=lambda o: o.index)]
+        eos = set(self.eos)
+        return [[self._candidate(o, eos, self.tokenizer) for o in sorted(out.outputs, key=lambda o: o.index)]
                 for out in outputs]
 
     @staticmethod
@@ -188,36 +219,33 @@ class VLLMGenerator:
 
     # -- LoRA: one adapter folder and LoRA id per (role, version) --------------------------------
 
-    def _lora_request(self, policies, role: str):
+    def _lora_request(self, role: Role):
         from vllm.lora.request import LoRARequest
 
         held = self._adapters.get(role)
-        if held is not None and held[0] == policies.version:
+        if held is not None and held[0] == self.version:
             return held[1]
         lora_id = next(self._ids)
         folder = self.workdir / f"{role}-{lora_id}"
-        policies.model.save_pretrained(str(folder), selected_adapters=[role])
-        nested = folder / role  # peft writes an adapter not named "default" into a sub-folder
-        path = nested if (nested / "adapter_config.json").exists() else folder
-        request = LoRARequest(f"{role}-{lora_id}", lora_id, str(path))
+        self._export(role, folder)
+        request = LoRARequest(f"{role}-{lora_id}", lora_id, str(folder))
         if held is not None:
             old = held[1]
             self.llm.llm_engine.remove_lora(old.lora_int_id)
             shutil.rmtree(self.workdir / old.lora_name, ignore_errors=True)
-        self._adapters[role] = (policies.version, request)
+        self._adapters[role] = (self.version, request)
         return request
 
     # -- full fine-tuning: the engine holds one role's weights at a time ---------------------------
 
-    def _hold(self, policies, role: str) -> None:
-        version = 0 if role == "ref" else policies.version  # the reference never changes
+    def _hold(self, role: Role) -> None:
+        version = 0 if role == "ref" else self.version  # the reference never changes
         if self._held == (role, version):
             return
         folder = self.workdir / role
         if self._exported.get(role) != version:
-            model = {"policy": policies.model, "anchor": policies.anchor_model, "ref": policies.ref_model}[role]
             shutil.rmtree(folder, ignore_errors=True)
-            model.save_pretrained(str(folder))
+            self._export(role, folder)
             self._exported[role] = version
         self.llm.collective_rpc("bonbench_load_weights", args=(str(folder),))
         self.llm.reset_prefix_cache()  # cached prompt blocks were computed with the old weights

@@ -22,7 +22,7 @@ from distill.testbed import (
     MLPPolicy,
     SequenceSpace,
     TabularPolicy,
-    TrainConfig,
+    TestbedConfig,
     front_gap,
     kl,
     make_testbed,
@@ -39,7 +39,7 @@ def bed(policy: str = "mlp"):
 
 @lru_cache(maxsize=None)
 def run(policy: str = "mlp", **overrides) -> dict[str, np.ndarray]:
-    history = train(bed(policy), TrainConfig(**overrides))
+    history = train(bed(policy), TestbedConfig(**overrides))
     return {key: np.asarray(values) for key, values in history.items()}
 
 
@@ -102,8 +102,8 @@ def test_sampling_is_exact_and_training_is_seeded():
     expected = 200_000 * b.ref_log_probs.exp()
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 255 + 5 * math.sqrt(2 * 255)  # 5 sigma for 255 degrees of freedom
-    first = train(b, TrainConfig(method="jbond", steps=20, eval_every=5, seed=3))
-    again = train(b, TrainConfig(method="jbond", steps=20, eval_every=5, seed=3))
+    first = train(b, TestbedConfig(method="jbond", steps=20, eval_every=5, seed=3))
+    again = train(b, TestbedConfig(method="jbond", steps=20, eval_every=5, seed=3))
     assert first == again and first["kl_ref"][-1] > 0.0
 
 

