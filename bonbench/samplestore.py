@@ -21,6 +21,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from bonbench.tables import to_markdown, write_tables
+
 SAMPLE_COLUMNS = ["prompt_index", "prompt_id", "role", "policy", "sample_index", "text", "num_tokens",
                   "finish_reason", "logprob", "ref_logprob", "sample_seconds", "reward", "reward_seconds", "created"]
 
@@ -166,20 +168,4 @@ class SampleStore:
     def write_tables(self, tables: dict[str, Any]) -> None:
         """Each DataFrame of ``tables`` as ``<name>.parquet`` and ``<name>.csv``; ``summary`` also
         as ``summary.md``."""
-        for name, frame in tables.items():
-            frame.to_parquet(self.root / f"{name}.parquet", index=False)
-            frame.to_csv(self.root / f"{name}.csv", index=False)
-        if "summary" in tables:
-            (self.root / "summary.md").write_text(to_markdown(tables["summary"]) + "\n")
-
-
-def to_markdown(frame, digits: int = 4) -> str:
-    """A GitHub markdown table (pandas' own ``to_markdown`` needs ``tabulate``); NaN cells are empty."""
-    def cell(value):
-        if isinstance(value, float):
-            return "" if math.isnan(value) else f"{value:.{digits}f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
+        write_tables(self.root, tables)

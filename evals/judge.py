@@ -53,6 +53,7 @@ from typing import Iterator
 import numpy as np
 
 from bonbench.config import field, parse_config
+from bonbench.tables import write_tables
 from evals import metrics
 from evals.judge_client import READ_MODES, TEMPLATE, Comparison, JudgeError, JudgeSpec, JudgmentCache, judge_all
 
@@ -280,18 +281,6 @@ def summarize(preferences, cfg: JudgeConfig, judge: str, read: str):
     row.update(mean_len_a=float(preferences["len_a"].mean()), mean_len_b=float(preferences["len_b"].mean()),
                length_unit=cfg.length_unit, note=WEAK_JUDGE_NOTE if cfg.embedded else "")
     return pd.DataFrame([row])
-
-
-def write_tables(out: Path, tables: dict) -> None:
-    from bonbench.measure import to_markdown
-
-    for name, frame in tables.items():
-        frame.to_parquet(out / f"{name}.parquet", index=False)
-        frame.to_csv(out / f"{name}.csv", index=False)
-    summary = tables["summary"]
-    note = summary["note"].iloc[0]
-    text = to_markdown(summary.drop(columns=["note"])) + "\n"
-    (out / "summary.md").write_text(text + (f"\n**{note}**\n" if note else ""))
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bonbench.tables import to_markdown
+
 
 @dataclass
 class Section:
@@ -24,14 +26,6 @@ def _cell(value, digits: int) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.{digits}f}"
     return str(value)
-
-
-def markdown_table(frame, digits: int = 3) -> str:
-    """A GitHub Markdown table of a DataFrame (no index)."""
-    lines = ["| " + " | ".join(str(c) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(_cell(v, digits).replace("|", "\\|") for v in row) + " |"
-              for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def html_table(frame, digits: int = 3) -> str:
@@ -50,7 +44,7 @@ def to_markdown(title: str, sections: list[Section], folder: Path) -> str:
         for caption, frame in section.tables:
             if caption:
                 parts += [f"**{caption}**", ""]
-            parts += [markdown_table(frame), ""]
+            parts += [to_markdown(frame, digits=3), ""]
         for caption, path in section.figures:
             parts += [f"![{caption}]({Path(path).relative_to(folder)})", "", f"*{caption}*", ""]
     return "\n".join(parts)

@@ -20,7 +20,7 @@ from bonbench.bon import (
     strict_order,
     win_rate,
 )
-from bonbench.measure import duplicate_rate
+from bonbench.estimators import duplicate_rate
 from distill.testbed import make_testbed
 
 
