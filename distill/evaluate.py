@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bonbench import bon
+from bonbench.seeds import derive_seed
 
 
 class Evaluator:
@@ -37,7 +38,7 @@ class Evaluator:
                 self._ref_rewards = np.asarray(json.loads(self.cache.read_text())["rewards"])
             else:
                 k = self.ctx.cfg.eval_k
-                samples = self.ctx.sample("ref", self.prompts, k, seed=seed + 7)
+                samples = self.ctx.sample("ref", self.prompts, k, seed=derive_seed(seed, 0))
                 texts = [c.text for row in samples for c in row]
                 messages = [m for m in self.prompts.messages for _ in range(k)]
                 self._ref_rewards = self.ctx.score(messages, texts).numpy().reshape(len(samples), k)
@@ -46,7 +47,7 @@ class Evaluator:
 
     def run(self, seed: int) -> dict[str, float]:
         refs = self.reference_rewards(seed)
-        samples = [row[0] for row in self.ctx.sample("policy", self.prompts, 1, seed=seed + 11, score_under=("ref",))]
+        samples = [row[0] for row in self.ctx.sample("policy", self.prompts, 1, seed=derive_seed(seed, 1), score_under=("ref",))]
         rewards = self.ctx.score(self.prompts.messages, [c.text for c in samples]).numpy()
         if self.ctx.policies.generator is None:
             policy_lp = np.array([c.logprob for c in samples])

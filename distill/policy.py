@@ -19,6 +19,7 @@ from bonbench.backends.base import Candidate, SamplingParams
 from bonbench.backends.sampling import BASE, SampleRequest, sample
 from bonbench.backends.transformers import eos_ids
 from bonbench.logprobs import sequence_logprobs
+from bonbench.seeds import derive_seed
 
 Role = Literal["policy", "anchor", "ref"]
 _ADAPTER = {"policy": "policy", "anchor": "anchor", "ref": BASE}
@@ -103,7 +104,7 @@ class Policies:
                 raise ValueError("this run has no anchor")
         def requests(d: Draw, adapters: bool) -> list[SampleRequest]:
             extra = dict(adapter=_ADAPTER[d.role], score_with=tuple(_ADAPTER[r] for r in d.score_under)) if adapters else {}
-            return [SampleRequest(p, SamplingParams(n=d.n, max_tokens=max_tokens, seed=d.seed * 100_003 + i), **extra)
+            return [SampleRequest(p, SamplingParams(n=d.n, max_tokens=max_tokens, seed=derive_seed(d.seed, i)), **extra)
                     for i, p in enumerate(prompts)]
 
         if self.lora and self.generator is None:

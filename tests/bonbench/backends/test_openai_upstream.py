@@ -1,50 +1,27 @@
-"""The upstream backend against a real OpenAI-compatible server: bonbench's own plain app (tiny
-random model, no reward), served by uvicorn on a loopback port in a thread of this process."""
+"""The upstream backend against a real OpenAI-compatible server: bonbench's own plain server (tiny
+random model, no reward) as a child process on a loopback port."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-import time
 
 import pytest
 
 from bonbench.backends.base import SamplingParams, UpstreamError
 from bonbench.backends.openai_upstream import OpenAIUpstreamBackend
+from bonbench.server.launch import child_env, free_port, launch_server
 
 CHAT = [{"role": "user", "content": "Name three rivers."}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def upstream(tiny_model_path):
+def upstream(tiny_model_path, tmp_path_factory):
     """Base URL of a plain single-sample server (max_tokens at most 32)."""
-    import uvicorn
-
-    from bonbench.backends.transformers import TransformersBackend
-    from bonbench.server.app import build_app
-    from bonbench.server.service import BestOfNService, Limits
-
-    backend = TransformersBackend.from_pretrained(tiny_model_path, "tiny")
-    service = BestOfNService(backend, None, "tiny", Limits(default_best_of=1, max_tokens=32, default_max_tokens=8))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the upstream did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(30)
-    assert not thread.is_alive()
+    args = ["--model", tiny_model_path, "--served-model-name", "tiny", "--reward-model", "none", "--n", "1",
+            "--max-tokens", "32", "--default-max-tokens", "8", "--threads", "1", "--log-level", "warning"]
+    log_path = tmp_path_factory.mktemp("upstream") / "server.log"
+    with launch_server(args, log_path=log_path, startup_timeout=180, env=child_env(HF_HUB_OFFLINE="1")) as server:
+        yield server.base_url
 
 
 def run(base_url: str, scenario, model: str | None = "tiny"):
@@ -110,7 +87,7 @@ def test_upstream_refusal_raises_upstream_error_with_its_status_and_message(upst
 
 
 def test_unreachable_upstream_raises_upstream_error_without_status():
-    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    dead = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(UpstreamError, match="unreachable") as info:
         run(dead, lambda b: b.generate("Hi", SamplingParams(max_tokens=2)))
     assert info.value.status is None
