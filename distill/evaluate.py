@@ -47,7 +47,8 @@ class Evaluator:
 
     def run(self, seed: int) -> dict[str, float]:
         refs = self.reference_rewards(seed)
-        samples = [row[0] for row in self.ctx.sample("policy", self.prompts, 1, seed=derive_seed(seed, 1), score_under=("ref",))]
+        drawn = self.ctx.sample("policy", self.prompts, 1, seed=derive_seed(seed, 1), score_under=("ref",))
+        samples = [row[0] for row in drawn]
         rewards = self.ctx.score(self.prompts.messages, [c.text for c in samples]).numpy()
         if self.ctx.policies.generator is None:
             policy_lp = np.array([c.logprob for c in samples])
