@@ -21,21 +21,22 @@ and prints one table with the Best-of-N / plain ratios, also written to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bonbench.config import field, parse_config  # noqa: E402
+from bonbench.seeds import derive_seed  # noqa: E402
+from bonbench.server.launch import ServerProcess, launch_server  # noqa: E402
 
 
 @dataclass
@@ -50,7 +51,7 @@ class BenchConfig:
     latency_requests: int = field(10, "sequential requests for the latency percentiles")
     requests: int = field(64, "requests in the throughput run")
     concurrency: int = field(16, "concurrent clients in the throughput run")
-    seed: int = field(0, "seed of the first request; request i uses seed + i")
+    seed: int = field(0, "seed the requests' seeds are derived from (bonbench.seeds.derive_seed)")
     startup_timeout: float = field(600.0, "seconds to wait for a server's /health")
     out: str = field("serve", "report name: writes reports/bench/<out>.json and .md")
 
@@ -69,55 +70,16 @@ class BenchConfig:
 MODEL_NAME = "bench"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """``python -m bonbench serve ARGS`` on a free loopback port, for a ``with`` block."""
-
-    def __init__(self, args: list[str], cfg: BenchConfig, label: str):
-        self.args, self.cfg, self.label = args, cfg, label
-
-    def __enter__(self) -> "ServerProcess":
-        import httpx
-
-        port = _free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = tempfile.NamedTemporaryFile(prefix=f"bonbench-bench-{self.label}-", suffix=".log", delete=False)
-        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
-        command = [sys.executable, "-m", "bonbench", "serve", "--port", str(port), "--model", self.cfg.model,
-                   "--served-model-name", MODEL_NAME, "--backend", self.cfg.backend, "--device", self.cfg.device,
-                   "--threads", str(self.cfg.threads), "--log-level", "warning", *self.args]
-        print(f"starting {self.label} server: {' '.join(command[2:])}", flush=True)
-        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        started, deadline = time.monotonic(), time.monotonic() + self.cfg.startup_timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the {self.label} server exited while starting; log: {self.log.name}\n"
-                                   + Path(self.log.name).read_text(errors="replace")[-3000:])
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.__exit__(None, None, None)
-                raise RuntimeError(f"the {self.label} server was not healthy in time; log: {self.log.name}")
-            time.sleep(0.5)
-        print(f"  ready in {time.monotonic() - started:.1f}s", flush=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
+@contextlib.contextmanager
+def running_server(args: list[str], cfg: BenchConfig, label: str) -> Iterator[ServerProcess]:
+    """``python -m bonbench serve`` with the benchmark's model, backend and device, plus ``args``."""
+    args = ["--model", cfg.model, "--served-model-name", MODEL_NAME, "--backend", cfg.backend, "--device", cfg.device,
+            "--threads", str(cfg.threads), "--log-level", "warning", *args]
+    print(f"starting {label} server: bonbench serve {' '.join(args)}", flush=True)
+    started = time.monotonic()
+    with launch_server(args, startup_timeout=cfg.startup_timeout) as server:
+        print(f"  ready in {time.monotonic() - started:.1f}s (log: {server.log_path})", flush=True)
+        yield server
 
 
 # ---------------------------------------------------------------------------- measurements
@@ -150,18 +112,18 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-async def measure(url: str, cfg: BenchConfig, best_of: int) -> dict:
-    """Latency (sequential) then throughput (concurrent) against one server."""
+async def measure(base_url: str, cfg: BenchConfig, best_of: int) -> dict:
+    """Latency (sequential) then throughput (concurrent) against one server (its ``…/v1`` URL)."""
     import openai
 
-    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600) as client:
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=3600) as client:
         prompts = _prompts(max(cfg.latency_requests, cfg.requests) + 1)
-        await _ask(client, prompts[-1], cfg, best_of, cfg.seed - 1)  # warm-up, not counted
+        await _ask(client, prompts[-1], cfg, best_of, derive_seed(cfg.seed, 0))  # warm-up, not counted
 
         latencies, candidate_tokens = [], []
         for i in range(cfg.latency_requests):
             started = time.perf_counter()
-            _, per_candidate = await _ask(client, prompts[i], cfg, best_of, cfg.seed + i)
+            _, per_candidate = await _ask(client, prompts[i], cfg, best_of, derive_seed(cfg.seed, 1, i))
             latencies.append(time.perf_counter() - started)
             candidate_tokens.extend(per_candidate)
 
@@ -174,7 +136,7 @@ async def measure(url: str, cfg: BenchConfig, best_of: int) -> dict:
             nonlocal generated
             while not queue.empty():
                 i = queue.get_nowait()
-                tokens, _ = await _ask(client, prompts[i], cfg, best_of, cfg.seed + 1000 + i)
+                tokens, _ = await _ask(client, prompts[i], cfg, best_of, derive_seed(cfg.seed, 2, i))
                 generated += tokens
 
         started = time.perf_counter()
@@ -219,10 +181,10 @@ def table(bon: dict, plain: dict, cfg: BenchConfig) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(BenchConfig, argv, prog="python benchmarks/serve.py", description=__doc__.split("\n\n")[0])
-    with ServerProcess(["--n", str(cfg.n), "--reward-model", cfg.reward_model], cfg, f"best-of-{cfg.n}") as server:
-        bon = asyncio.run(measure(server.url, cfg, cfg.n))
-    with ServerProcess(["--n", "1", "--reward-model", "none"], cfg, "plain") as server:
-        plain = asyncio.run(measure(server.url, cfg, 1))
+    with running_server(["--n", str(cfg.n), "--reward-model", cfg.reward_model], cfg, f"best-of-{cfg.n}") as server:
+        bon = asyncio.run(measure(server.base_url, cfg, cfg.n))
+    with running_server(["--n", "1", "--reward-model", "none"], cfg, "plain") as server:
+        plain = asyncio.run(measure(server.base_url, cfg, 1))
 
     text = table(bon, plain, cfg)
     load = os.getloadavg()[1]  # other work on the machine skews every number: say how much there was

@@ -35,6 +35,7 @@ from scipy.special import digamma, gammaln, ndtri
 __all__ = [
     "Quantiles",
     "WinRate",
+    "best_of_subset_weights",
     "bon_kl",
     "bon_kl_exact",
     "bon_probabilities",
@@ -452,30 +453,31 @@ def log_quantile(candidate_rewards, reference_rewards, smoothing: bool = True) -
         return np.log(leq / k)
 
 
-def expected_best_of(rewards, ns) -> np.ndarray:
-    """Unbiased estimate of ``E[max of n rewards]`` from ``K`` samples (MATH.md §1).
+def best_of_subset_weights(k: int, ns) -> np.ndarray:
+    """Probability that the ``j``-th lowest of ``K`` samples is the best of a random ``n``-subset.
 
-    With the samples sorted ``r_(1) ≤ … ≤ r_(K)``:
+    Draw ``n`` of the ``K`` samples uniformly without replacement and keep the best under the
+    strict order ``≺``; the sample of ascending rank ``j`` (1 = worst, ``K`` = best) is kept with
+    probability (MATH.md §1)
 
-        Ê_n = Σ_{j=n..K} r_(j) · C(j − 1, n − 1) / C(K, n)
+        w_j = C(j − 1, n − 1) / C(K, n)      (0 for j < n)
 
-    the average of the maximum over all ``C(K, n)`` subsets of size ``n``. Binomials are
-    taken in log space (``gammaln``), so large ``K`` is fine.
+    Weighting ``K`` i.i.d. samples by ``w`` is the average of "keep the best of ``n``" over all
+    ``C(K, n)`` subsets: ``expected_best_of`` and BOND's forward term
+    (``distill.losses.best_of_n_weights``) both use it. Binomials are taken in log space
+    (``gammaln``), so large ``K`` is fine.
 
     Args:
-        rewards: shape ``(K,)`` or ``(P, K)``, finite.
-        ns: a positive integer or a sequence of them, each ``≤ K``.
+        k: number of samples ``K ≥ 1``.
+        ns: a positive integer or a non-empty 1-D sequence of them, each ``≤ K``.
 
     Returns:
-        shape ``(len(ns),)`` or ``(P, len(ns))``; for a scalar ``ns`` the last axis is
-        dropped (a float for 1-D rewards).
+        shape ``(len(ns), K)``, or ``(K,)`` for a scalar ``ns``; index ``j − 1`` holds ``w_j``.
+        Each row sums to 1.
     """
-    rew = _as_rewards(rewards)
-    if rew.ndim > 2:
-        raise ValueError(f"rewards must have shape (K,) or (P, K), got {rew.shape}")
-    if not np.isfinite(rew).all():
-        raise ValueError("rewards must be finite")
-    k = rew.shape[-1]
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"K must be a positive integer, got {k!r}")
+    k = int(k)
     ns_arr = np.asarray(ns)
     scalar = ns_arr.ndim == 0
     ns_arr = np.atleast_1d(ns_arr)
@@ -493,11 +495,35 @@ def expected_best_of(rewards, ns) -> np.ndarray:
     n_col = ns_arr.astype(np.float64)[:, None]
     valid = j >= n_col
     log_w = log_comb(j - 1.0, np.minimum(n_col, j) - 1.0) - log_comb(float(k), n_col)
-    weights = np.where(valid, np.exp(np.where(valid, log_w, 0.0)), 0.0)  # (len(ns), K)
-    out = np.sort(rew, axis=-1) @ weights.T
-    if scalar:
-        out = out[..., 0]
-    return _scalar_if_0d(out)
+    weights = np.where(valid, np.exp(np.where(valid, log_w, 0.0)), 0.0)
+    return weights[0] if scalar else weights
+
+
+def expected_best_of(rewards, ns) -> np.ndarray:
+    """Unbiased estimate of ``E[max of n rewards]`` from ``K`` samples (MATH.md §1).
+
+    With the samples sorted ``r_(1) ≤ … ≤ r_(K)``:
+
+        Ê_n = Σ_{j=n..K} r_(j) · C(j − 1, n − 1) / C(K, n)
+
+    the average of the maximum over all ``C(K, n)`` subsets of size ``n``; the weights are
+    ``best_of_subset_weights``.
+
+    Args:
+        rewards: shape ``(K,)`` or ``(P, K)``, finite.
+        ns: a positive integer or a sequence of them, each ``≤ K``.
+
+    Returns:
+        shape ``(len(ns),)`` or ``(P, len(ns))``; for a scalar ``ns`` the last axis is
+        dropped (a float for 1-D rewards).
+    """
+    rew = _as_rewards(rewards)
+    if rew.ndim > 2:
+        raise ValueError(f"rewards must have shape (K,) or (P, K), got {rew.shape}")
+    if not np.isfinite(rew).all():
+        raise ValueError("rewards must be finite")
+    weights = best_of_subset_weights(rew.shape[-1], ns)  # (K,) or (len(ns), K)
+    return _scalar_if_0d(np.sort(rew, axis=-1) @ weights.T)
 
 
 def bon_select(rewards, n: int = 1) -> np.ndarray:
@@ -519,8 +545,7 @@ def bon_select(rewards, n: int = 1) -> np.ndarray:
         raise ValueError(f"rewards must have shape (N,) or (P, N), got {rew.shape}")
     if n > rew.shape[-1]:
         raise ValueError(f"cannot select n = {n} from {rew.shape[-1]} candidates")
-    # A stable sort of the negated rewards keeps equal rewards in index order.
-    return np.argsort(-rew, axis=-1, kind="stable")[..., :n]
+    return _ascending_order(rew)[..., ::-1][..., :n]
 
 
 def bonbon_gap(n):

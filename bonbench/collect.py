@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 from bonbench.models import DEFAULT_POLICY, ModelNotFound
 from bonbench.samplestore import SAMPLE_COLUMNS
+from bonbench.seeds import derive_seed
 
 POOL, POLICY = 0, 1  # the roles that seed a prompt's draws
 
@@ -78,19 +79,13 @@ def load_models(model: str, policy: str = "", *, dtype: str = "auto", device: st
 # Sampling and scoring one batch of prompts
 
 
-def _prompt_seed(seed: int, index: int, role: int) -> int:
-    return seed * 10_000_019 + 2 * index + role  # role 0: reference pool, 1: policy
-
-
 def _encode(tokenizer, prompt, max_tokens: int, model) -> list[int]:
-    from bonbench.backends.base import PromptTooLong
+    from bonbench.backends.base import check_context
     from bonbench.backends.transformers import encode_prompt
 
     ids = encode_prompt(tokenizer, prompt)
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context is not None and len(ids) + max_tokens > context:
-        raise PromptTooLong(f"a prompt has {len(ids)} tokens; with --max-tokens {max_tokens} it exceeds "
-                            f"the model's context of {context}")
+    check_context(len(ids), max_tokens, getattr(model.config, "max_position_embeddings", None),
+                  hint="lower --max-tokens")
     return ids
 
 
@@ -102,7 +97,7 @@ def _draw(lm: LoadedLM, prompt_ids: list[list[int]], batch: list[dict], *, n: in
     from bonbench.backends.sampling import SampleRequest, sample
 
     requests = [SampleRequest(ids, SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=1.0,
-                                                  seed=_prompt_seed(seed, item["index"], role)))
+                                                  seed=derive_seed(seed, item["index"], role)))
                 for ids, item in zip(prompt_ids, batch)]
     start = time.perf_counter()
     results = sample(lm.model, lm.tokenizer, requests, lm.eos, keep_tokens=False)

@@ -13,7 +13,7 @@ import torch
 from bonbench.config import field
 from distill.config import TrainConfig
 from distill.loop import Batch, Context, run_recipe
-from distill.losses import LossOutput, bonbon_loss, strict_ranks
+from distill.losses import LossOutput, best_and_worst, bonbon_loss
 
 
 @dataclass
@@ -40,9 +40,8 @@ class BonBon:
         refs = ctx.sample("ref", batch, n, seed)
         rewards = ctx.score([m for m in batch.messages for _ in range(n)],
                             [c.text for row in refs for c in row]).view(p, n)
-        ranks = strict_ranks(rewards)
         # The loss reads only the best and the worst sample of each prompt: score those two.
-        best, worst = (ranks == n - 1).long().argmax(1), (ranks == 0).long().argmax(1)
+        best, worst = best_and_worst(rewards)
         picks = [(i, int(j)) for i in range(p) for j in (best[i], worst[i])]
         ids = [batch.ids[i] for i, _ in picks]
         answers = [refs[i][j].token_ids for i, j in picks]

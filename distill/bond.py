@@ -25,6 +25,7 @@ import torch
 
 from bonbench import bon
 from bonbench.config import field
+from bonbench.seeds import derive_seed
 from distill.config import TrainConfig
 from distill.loop import Batch, Context, run_recipe
 from distill.losses import LossOutput, best_of_n_weights, bond_loss
@@ -60,7 +61,7 @@ class Bond:
     def loss(self, ctx: Context, batch: Batch, seed: int) -> LossOutput:
         cfg, p = self.cfg, len(batch.ids)
         target = "anchor" if self.needs_anchor else "ref"
-        refs = ctx.sample(target, batch, cfg.k, seed + 500_009)
+        refs = ctx.sample(target, batch, cfg.k, derive_seed(seed, 1))
         ref_rewards = ctx.score([m for m in batch.messages for _ in range(cfg.k)],
                                 [c.text for row in refs for c in row]).view(p, cfg.k)
         kwargs = {}
@@ -74,7 +75,7 @@ class Bond:
                 (torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs])), lp)
             kwargs.update(ref_sample_logprobs=ref_sample_lp, ref_rewards=ref_rewards)
         if cfg.beta > 0:
-            ys = ctx.sample("policy", batch, cfg.samples, seed)
+            ys = ctx.sample("policy", batch, cfg.samples, derive_seed(seed, 0))
             flat_ids = [batch.ids[i] for i in range(p) for _ in range(cfg.samples)]
             y_ids = [c.token_ids for row in ys for c in row]
             rewards = ctx.score([m for m in batch.messages for _ in range(cfg.samples)],

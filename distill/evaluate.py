@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bonbench import bon
+from bonbench.seeds import derive_seed
 
 
 class Evaluator:
@@ -37,7 +38,7 @@ class Evaluator:
                 self._ref_rewards = np.asarray(json.loads(self.cache.read_text())["rewards"])
             else:
                 k = self.ctx.cfg.eval_k
-                samples = self.ctx.sample("ref", self.prompts, k, seed=seed + 7)
+                samples = self.ctx.sample("ref", self.prompts, k, seed=derive_seed(seed, 0))
                 texts = [c.text for row in samples for c in row]
                 messages = [m for m in self.prompts.messages for _ in range(k)]
                 self._ref_rewards = self.ctx.score(messages, texts).numpy().reshape(len(samples), k)
@@ -47,8 +48,8 @@ class Evaluator:
     def run(self, seed: int) -> dict[str, float]:
         refs = self.reference_rewards(seed)
         # "policy" in score_under: the trained model's log pi(y), not an external engine's (precision)
-        samples = [row[0] for row in self.ctx.sample("policy", self.prompts, 1, seed=seed + 11,
-                                                     score_under=("ref", "policy"))]
+        drawn = self.ctx.sample("policy", self.prompts, 1, seed=derive_seed(seed, 1), score_under=("ref", "policy"))
+        samples = [row[0] for row in drawn]
         rewards = self.ctx.score(self.prompts.messages, [c.text for c in samples]).numpy()
         policy_lp = np.array([c.logprob_under["policy"] for c in samples])
         ref_lp = np.array([c.logprob_under["ref"] for c in samples])

@@ -33,10 +33,11 @@ from dataclasses import dataclass
 import torch
 
 from bonbench.config import field
+from bonbench.seeds import derive_seed
 from distill.config import TrainConfig
 from distill.loop import Batch, Context, run_recipe
 from distill.policy import Draw
-from distill.losses import LossOutput, jbond_loss
+from distill.losses import LossOutput, best_and_worst, jbond_loss
 
 
 @dataclass
@@ -67,14 +68,14 @@ class JBond:
     def loss(self, ctx: Context, batch: Batch, seed: int) -> LossOutput:
         p = len(batch.ids)
         # One batch for both roles; log pi_anchor(y) comes from a shadow row while y is drawn.
-        ys, anchors = ctx.sample_together(batch, [Draw("policy", 1, seed, score_under=("anchor",)),
-                                                  Draw("anchor", 2, seed + 500_009)])
+        ys, anchors = ctx.sample_together(batch, [Draw("policy", 1, derive_seed(seed, 0), score_under=("anchor",)),
+                                                  Draw("anchor", 2, derive_seed(seed, 1))])
         ys = [row[0] for row in ys]
         texts = [c.text for c in ys] + [c.text for row in anchors for c in row]
         rewards = ctx.score(batch.messages + [m for m in batch.messages for _ in range(2)], texts)
         policy_rewards, anchor_rewards = rewards[:p], rewards[p:].view(p, 2)
-        # The loss keeps y'_2 only when strictly better (ties: y'_1): the same rule picks what to score.
-        best = (anchor_rewards[:, 1] > anchor_rewards[:, 0]).long()
+        # The forward term reads log pi of the better anchor sample only: score that one.
+        best = best_and_worst(anchor_rewards).best
         best_ids = [anchors[i][int(best[i])].token_ids for i in range(p)]
         y_ids = [c.token_ids for c in ys]
         with_grad = ctx.policies.logprobs("policy", batch.ids * 2, y_ids + best_ids, grad=True)

@@ -28,6 +28,7 @@ import torch
 
 from bonbench.backends.base import Candidate, Prompt
 from bonbench.rewards.base import RewardModel, checked_scores
+from bonbench.seeds import derive_seed
 from distill.config import TrainConfig
 from distill.generation import Generator, make_generator
 from distill.losses import LossOutput
@@ -344,7 +345,7 @@ def _train(cfg: TrainConfig, recipe: Recipe, ctx: Context) -> Path:
         for m in range(cfg.grad_accum):
             mine = indices[m * micro : (m + 1) * micro][acc.process_index :: acc.num_processes]
             metrics = _micro_step(ctx, recipe, _subset(train_set, mine),
-                                  seed=cfg.seed * 1_000_003 + step * cfg.grad_accum + m,
+                                  seed=derive_seed(cfg.seed, step * cfg.grad_accum + m),
                                   sync=m == cfg.grad_accum - 1, out=out)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum

@@ -10,12 +10,14 @@ All losses are surrogate losses of the score-function kind: the value itself mea
 gradient in expectation over the sampled generations is the gradient of the objective named in each
 docstring (sections refer to ``MATH.md``).
 
-Ties. Wherever a loss selects a "best" or "worst" generation by reward it uses one strict order:
-higher reward ranks higher, and among equal rewards the LOWER index (position along the generation
-axis) ranks higher. For i.i.d. samples this breaks ties at random between distinct generations with
-equal rewards; to match a Best-of-N distribution that breaks ties by a fixed order over generations
-(as ``bonbench.bon.bon_probabilities`` does), pass a strictly monotone key of that order as the
-rewards: every BOND-type loss depends on rewards only through their order.
+Ties. Wherever a loss selects a "best" or "worst" generation by reward it uses one strict order,
+``bonbench.bon.strict_order`` (here ``strict_ranks`` and ``best_and_worst``): higher reward ranks
+higher, and among equal rewards the LOWER index (position along the generation axis) ranks higher.
+For i.i.d. samples this breaks ties at random between distinct generations with equal rewards; to
+match a Best-of-N distribution that breaks ties by a fixed order over generations (as
+``bonbench.bon.bon_probabilities`` does), pass a strictly monotone key of that order as the rewards:
+every BOND-type loss depends on rewards only through their order. Recipes ask ``best_and_worst``
+and ``best_of_n_weights`` which samples a loss reads, and score only those.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from bonbench.bon import bonbon_gap
+from bonbench.bon import best_of_subset_weights, bonbon_gap, strict_order
 
 Tensor = torch.Tensor
 
@@ -72,29 +74,47 @@ def leave_one_out_mean(values: Tensor, dim: int = -1) -> Tensor:
 def strict_ranks(rewards: Tensor) -> Tensor:
     """Position of each generation in the strict order, 0 = worst, ``m - 1`` = best.
 
-    Order: reward first; among equal rewards the lower index ranks higher.
+    ``bonbench.bon.strict_order`` on a tensor: reward first; among equal rewards the lower index
+    ranks higher.
 
     Args:
         rewards: ``(P, m)``.
 
     Returns:
-        ``(P, m)`` int64, a permutation of ``0..m-1`` in every row.
+        ``(P, m)`` int64 on the device of ``rewards``, a permutation of ``0..m-1`` in every row.
     """
-    m = rewards.shape[-1]
-    r_i = rewards.unsqueeze(-1)  # (P, m, 1): the generation being ranked
-    r_l = rewards.unsqueeze(-2)  # (P, 1, m): the generations it is compared with
-    index = torch.arange(m, device=rewards.device)
-    later = index.unsqueeze(0) > index.unsqueeze(1)  # (m, m): [i, l] = l > i
-    below = (r_l < r_i) | ((r_l == r_i) & later)
-    return below.sum(dim=-1)
+    ranks = strict_order(rewards.detach().to("cpu", torch.float64).numpy())
+    return torch.from_numpy(ranks).to(rewards.device)
+
+
+class Extremes(NamedTuple):
+    """Indices along the generation axis, each ``(P,)`` int64."""
+
+    best: Tensor
+    worst: Tensor
+
+
+def best_and_worst(rewards: Tensor) -> Extremes:
+    """The best and the worst generation of each prompt in the strict order (ties: lower index wins).
+
+    The one rule for "which sample is the best / the worst": the losses select with it, and the
+    recipes call it to know which samples they must score (``jbond_loss`` reads the log-probability
+    of ``best_and_worst(anchor_rewards).best`` only; ``bonbon_loss`` those of both).
+
+    Args:
+        rewards: ``(P, m)``.
+    """
+    ranks = strict_ranks(rewards)
+    return Extremes(ranks.argmax(dim=1), ranks.argmin(dim=1))
 
 
 def best_of_n_weights(rewards: Tensor, n: int) -> Tensor:
     """Probability that each of k samples is the best of a uniformly random n-subset of them.
 
-    The sample of strict rank j (1 = worst, k = best) gets ``C(j-1, n-1) / C(k, n)`` (MATH.md §1,
-    the unbiased Best-of-n estimator from k samples). Weighting k i.i.d. reference samples this way
-    gives an unbiased, lower-variance replacement for "draw n of them and keep the best".
+    The sample of strict rank j (1 = worst, k = best) gets ``C(j-1, n-1) / C(k, n)``
+    (``bonbench.bon.best_of_subset_weights``, MATH.md §1). Weighting k i.i.d. reference samples
+    this way gives an unbiased, lower-variance replacement for "draw n of them and keep the best".
+    A sample of weight 0 cannot win any n-subset: the forward term does not read its log-probability.
 
     Args:
         rewards: ``(P, k)`` rewards of k i.i.d. samples per prompt, ``k >= n``.
@@ -107,10 +127,8 @@ def best_of_n_weights(rewards: Tensor, n: int) -> Tensor:
     if not 1 <= n <= k:
         raise ValueError(f"Best-of-{n} from {k} samples per prompt needs 1 <= n <= k")
     dtype = rewards.dtype if rewards.is_floating_point() else torch.float64
-    table = torch.tensor(
-        [math.comb(j - 1, n - 1) / math.comb(k, n) for j in range(1, k + 1)], dtype=dtype
-    ).to(rewards.device)
-    return table[strict_ranks(rewards)]
+    by_rank = torch.from_numpy(best_of_subset_weights(k, n)).to(rewards.device, dtype)
+    return by_rank[strict_ranks(rewards)]
 
 
 def _policy_gradient(policy_logprobs: Tensor, advantages: Tensor) -> Tensor:
@@ -157,7 +175,7 @@ def jbond_loss(
         rewards: ``(P,)`` r(y).
         anchor_rewards: ``(P, 2)`` r(y'_1), r(y'_2).
         anchor_sample_logprobs: ``(P, 2)`` log π(y'_1), log π(y'_2) under the POLICY, carries grad;
-            only the better anchor sample's entry gets a gradient.
+            only the better anchor sample's entry, ``best_and_worst(anchor_rewards).best``, is read.
         beta: weight of the backward term, 1 - beta on the forward term (paper: 0.5).
         gamma: weight of the extra KL(π || π_anchor) regulariser (paper: 0 to 2).
         use_baseline: subtract from each return the mean return of the other prompts' samples
@@ -189,7 +207,7 @@ def jbond_loss(
         raise ValueError(f"J-BOND needs 0 <= beta <= 1 and gamma >= 0, got {beta=}, {gamma=}")
 
     # Step 2, forward KL: SFT on the better anchor sample; a tie keeps y'_1.
-    best = (anchor_rewards[:, 1] > anchor_rewards[:, 0]).long()
+    best = best_and_worst(anchor_rewards).best
     best_logprobs = anchor_sample_logprobs.gather(1, best.unsqueeze(1)).squeeze(1)
     forward = -best_logprobs.mean()
 
@@ -248,7 +266,9 @@ def bond_loss(
         log_quantiles: ``(P, S)`` log p̂≤(y) of the policy samples, finite (e.g. the smoothed MC
             estimate of ``bonbench.bon.log_quantile``; with the exact
             ``r_BOND`` of MATH.md §2 the backward gradient is exactly that of KL(π || π_BoN)).
-        ref_sample_logprobs: ``(P, k)`` log π of the k reference samples, carries grad. Forward term.
+        ref_sample_logprobs: ``(P, k)`` log π of the k reference samples, carries grad. Forward term;
+            entries where ``best_of_n_weights(ref_rewards, n)`` is 0 enter with weight 0, so a
+            recipe need not score those samples.
         ref_rewards: ``(P, k)`` rewards of the reference samples, ``k >= n``.
         n: N of Best-of-N.
         beta: 0 = forward KL only (BoN-SFT), 1 = backward KL only (vBoN), 0.5 = Jeffreys.
@@ -402,8 +422,9 @@ def bonbon_loss(
     """BoNBoN (Gui et al. 2024; MATH.md §5) on n reference samples per prompt.
 
     Args:
-        policy_logprobs: ``(P, n)`` log π of the n reference samples, carries grad.
-        ref_logprobs: ``(P, n)`` their log π_ref.
+        policy_logprobs: ``(P, n)`` log π of the n reference samples, carries grad; only the best
+            and the worst entry of each row (``best_and_worst(rewards)``) are read.
+        ref_logprobs: ``(P, n)`` their log π_ref (the same two entries are read).
         rewards: ``(P, n)`` their rewards, n >= 2.
         alpha: weight of the SFT term, 1 - alpha on the gap term.
 
@@ -421,9 +442,7 @@ def bonbon_loss(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"BoNBoN needs 0 <= alpha <= 1, got {alpha=}")
     n = policy_logprobs.shape[1]
-    ranks = strict_ranks(rewards)
-    best = (ranks == n - 1).long().argmax(dim=1, keepdim=True)
-    worst = (ranks == 0).long().argmax(dim=1, keepdim=True)
+    best, worst = (index.unsqueeze(1) for index in best_and_worst(rewards))
     log_ratio = policy_logprobs - ref_logprobs.detach()
     gap = (log_ratio.gather(1, best) - log_ratio.gather(1, worst)).squeeze(1)
     sft = -policy_logprobs.gather(1, best).squeeze(1)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bonbench.bon import bon_probabilities, log_quantile, quantiles_exact
+from bonbench.bon import bon_probabilities, log_quantile, quantiles_exact, strict_order
 from distill.losses import LossOutput, bond_loss, bonbon_loss, jbond_loss, rloo_loss
 
 DTYPE = torch.float64
@@ -163,10 +163,7 @@ class TestBed:
         with torch.no_grad():
             self.ref_log_probs = self.ref_policy.log_probs()
         rewards = self.rewards.numpy()
-        order = np.lexsort((-np.arange(len(rewards)), rewards))  # worst first
-        keys = np.empty(len(rewards))
-        keys[order] = np.arange(len(rewards))
-        self.order_keys = torch.from_numpy(keys)
+        self.order_keys = torch.from_numpy(strict_order(rewards).astype(np.float64))
         _, p_leq = quantiles_exact(self.ref_log_probs.exp().numpy(), rewards)
         self.log_p_leq = torch.from_numpy(np.log(p_leq))
         self._bon_cache: dict[int, torch.Tensor] = {}

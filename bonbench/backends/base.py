@@ -94,6 +94,17 @@ class PromptTooLong(ValueError):
     """The prompt leaves no room for generation within the model's context."""
 
 
+def check_context(prompt_tokens: int, max_tokens: int, context: int | None, hint: str = "") -> None:
+    """Raise ``PromptTooLong`` unless the prompt and ``max_tokens`` new tokens fit in ``context``.
+
+    ``context`` is the model's (or engine's) length in tokens; ``None`` means unknown: no check.
+    ``hint`` (what to do about it) ends the message.
+    """
+    if context is not None and prompt_tokens + max_tokens > context:
+        raise PromptTooLong(f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: more than "
+                            f"the model's context of {context} tokens" + (f"; {hint}" if hint else ""))
+
+
 class UpstreamError(RuntimeError):
     """An upstream server failed or refused; ``status`` is its HTTP status (None: unreachable)."""
 

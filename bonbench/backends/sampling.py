@@ -24,6 +24,7 @@ import torch
 
 from bonbench.backends.base import Candidate, SamplingParams
 from bonbench.backends.prefill import forward_with_adapters, prefill
+from bonbench.seeds import derive_seed
 
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
@@ -57,9 +58,8 @@ class _Row:
 
 def _row_generator(seed: int | None, index: int) -> torch.Generator:
     g = torch.Generator()
-    # Modulo 2**64: torch takes seeds in [-2**63, 2**64) and raises beyond, which would fail every
-    # request sharing the batch with a large client seed. Seeds that worked before draw the same numbers.
-    g.manual_seed((seed * 1_000_003 + index) % 2**64 if seed is not None else random.getrandbits(62))
+    # derive_seed maps any integer into torch's range: a large client seed must not fail its batch.
+    g.manual_seed(derive_seed(seed, index) if seed is not None else random.getrandbits(62))
     return g
 
 

@@ -13,7 +13,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
-from bonbench.backends.base import Generation, Prompt, PromptTooLong, SamplingParams, is_chat
+from bonbench.backends.base import Generation, Prompt, SamplingParams, check_context, is_chat
 from bonbench.backends.sampling import SampleRequest, sample
 
 log = logging.getLogger(__name__)
@@ -119,11 +119,7 @@ class TransformersBackend:
 
     async def generate(self, prompt: Prompt, params: SamplingParams) -> Generation:
         ids = encode_prompt(self.tokenizer, prompt)
-        if self.max_context is not None and len(ids) + params.max_tokens > self.max_context:
-            raise PromptTooLong(
-                f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}, "
-                f"more than the model's context of {self.max_context} tokens"
-            )
+        check_context(len(ids), params.max_tokens, self.max_context)
         loop = asyncio.get_running_loop()
         job = _Job(SampleRequest(ids, params), loop.create_future(), loop, len(ids))
         job.request.is_cancelled = job.cancelled.is_set

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from bonbench.backends.base import Candidate, Generation, Prompt, PromptTooLong, SamplingParams
+from bonbench.backends.base import Candidate, Generation, Prompt, SamplingParams, check_context
 
 
 class VLLMBackend:
@@ -55,9 +55,7 @@ class VLLMBackend:
         from vllm.sampling_params import RequestOutputKind
 
         ids = self._prompt_ids(prompt)
-        if self._max_context and len(ids) + params.max_tokens > self._max_context:
-            raise PromptTooLong(f"the prompt has {len(ids)} tokens; with max_tokens {params.max_tokens} "
-                                f"it exceeds the context of {self._max_context}")
+        check_context(len(ids), params.max_tokens, self._max_context or None)
         sp = VSamplingParams(n=params.n, max_tokens=params.max_tokens, temperature=params.temperature,
                              top_p=params.top_p, stop=list(params.stop) or None, seed=params.seed, logprobs=0,
                              # one output holding all n candidates: streamed outputs of an n > 1 request

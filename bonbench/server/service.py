@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from bonbench.backends.base import Backend, Generation, Prompt, PromptTooLong, SamplingParams, UpstreamError
+from bonbench.backends.base import (Backend, Generation, Prompt, PromptTooLong, SamplingParams, UpstreamError,
+                                    check_context)
 from bonbench.bon import bon_select
 from bonbench.rewards.base import RewardError, RewardModel, checked_scores
 from bonbench.server import protocol as P
@@ -117,11 +118,10 @@ class BestOfNService:
         if tokens > self.limits.max_prompt_tokens:
             raise InvalidRequest(f"the prompt has {tokens} tokens; this server allows at most "
                                  f"{self.limits.max_prompt_tokens}", param=param, code="context_length_exceeded")
-        context = self.backend.max_context
-        if context is not None and tokens + params.max_tokens > context:
-            raise InvalidRequest(f"the prompt has {tokens} tokens and max_tokens is {params.max_tokens}: "
-                                 f"more than the model's context of {context} tokens",
-                                 param=param, code="context_length_exceeded")
+        try:
+            check_context(tokens, params.max_tokens, self.backend.max_context)
+        except PromptTooLong as exc:
+            raise InvalidRequest(str(exc), param=param, code="context_length_exceeded") from exc
 
     # -- the Best-of-N step ------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import pytest
 from bonbench.bon import (
     Quantiles,
     WinRate,
+    best_of_subset_weights,
     bon_kl,
     bon_kl_exact,
     bon_probabilities,
@@ -376,6 +377,18 @@ def test_mc_quantiles_compare_reward_values_not_the_index_tie_break():
 
 # ---------------------------------------------------------------------------------------
 # expected_best_of
+
+
+def test_best_of_subset_weights_are_how_often_each_rank_wins_a_random_subset():
+    k = 7
+    weights = best_of_subset_weights(k, list(range(1, k + 1)))
+    for n in range(1, k + 1):
+        subsets = list(itertools.combinations(range(k), n))  # ranks 0 (worst) .. k - 1 (best)
+        wins = np.bincount([max(s) for s in subsets], minlength=k) / len(subsets)
+        np.testing.assert_allclose(weights[n - 1], wins, rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(best_of_subset_weights(k, 3), weights[2])
+    with pytest.raises(ValueError, match="1 <= n <= K"):
+        best_of_subset_weights(3, 4)
 
 
 def test_expected_best_of_is_mean_at_one_and_max_at_k():

@@ -22,6 +22,7 @@ from scipy.stats import binom
 from bonbench.bon import bon_probabilities, expected_best_of, log_quantile, quantiles_exact, strict_order
 from distill.losses import (
     LossOutput,
+    best_and_worst,
     best_of_n_weights,
     bon_sft_loss,
     bond_loss,
@@ -146,11 +147,13 @@ def test_leave_one_out_mean_averages_the_others():
         leave_one_out_mean(values[:, :1], dim=1)
 
 
-def test_strict_ranks_match_bonbench_strict_order():
+def test_strict_ranks_are_bonbench_strict_order_and_best_and_worst_keep_the_lower_index_on_ties():
     g = torch.Generator().manual_seed(1)
     rewards = torch.randint(0, 3, (50, 6), generator=g).to(DTYPE)
-    expected = strict_order(rewards.numpy())
-    np.testing.assert_array_equal(strict_ranks(rewards).numpy(), expected)
+    np.testing.assert_array_equal(strict_ranks(rewards).numpy(), strict_order(rewards.numpy()))
+    tied = torch.tensor([[2.0, 2.0, 1.0, 1.0], [0.0, 3.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0]])
+    best, worst = best_and_worst(tied)
+    assert best.tolist() == [0, 1, 0] and worst.tolist() == [3, 3, 3]
 
 
 def test_best_of_n_weights_equal_best_of_a_random_subset_by_brute_force():
@@ -471,3 +474,72 @@ def test_bonbon_sft_term_is_forward_kl_to_best_of_n():
     bon = bon_log(problem.ref, n)
     assert relative_error(got, objective_gradient(problem, lambda lp: cross_entropy(bon, lp))) < 1e-9
     assert out.metrics["gap_target"] == pytest.approx(2 * (1 + 1 / 2))
+
+
+# ----------------------------------------------------------------------------- what the recipes score
+
+
+def _only(values: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+    """A leaf holding ``values`` where ``read`` is true and 0 elsewhere, as a recipe fills it."""
+    return torch.where(read, values, torch.zeros_like(values)).detach().requires_grad_(True)
+
+
+def _same_loss_and_gradient(full: tuple[torch.Tensor, ...], scored: tuple[torch.Tensor, ...],
+                            read: torch.Tensor, loss_of) -> None:
+    """``loss_of`` gives the same value and the same gradient on the read entries with ``scored``
+    as with ``full``, and no gradient elsewhere."""
+    a, b = loss_of(*full).loss, loss_of(*scored).loss
+    assert a.item() == b.item()
+    grads_full = torch.autograd.grad(a, full, allow_unused=True, materialize_grads=True)
+    grads_scored = torch.autograd.grad(b, scored, allow_unused=True, materialize_grads=True)
+    for g_full, g_scored in zip(grads_full, grads_scored):
+        torch.testing.assert_close(g_scored, torch.where(read, g_full, torch.zeros_like(g_full)), rtol=0, atol=0)
+        assert not g_full[~read].any()
+
+
+# Tied rows on purpose: a recipe that broke ties differently from the loss would score the wrong sample.
+RECIPE_REWARDS = torch.tensor([[1.0, 1.0, 0.0, 2.0], [0.5, 0.5, 0.5, 0.5], [3.0, 1.0, 3.0, 1.0],
+                               [0.0, 2.0, 2.0, 0.0], [1.0, 0.0, 0.0, 1.0]], dtype=DTYPE)
+
+
+def test_jbond_loss_reads_only_the_anchor_sample_that_the_recipe_scores():
+    g = torch.Generator().manual_seed(21)
+    anchor_rewards = RECIPE_REWARDS[:, :2]  # ties in rows 0, 1 and 4
+    p = len(anchor_rewards)
+    full = torch.randn(p, 2, generator=g, dtype=DTYPE).requires_grad_(True)
+    read = torch.zeros(p, 2, dtype=torch.bool)
+    read[torch.arange(p), best_and_worst(anchor_rewards).best] = True  # what distill/jbond.py scores
+    ys = torch.randn(3, p, generator=g, dtype=DTYPE)
+
+    def loss_of(anchor_sample_logprobs):
+        return jbond_loss(ys[0], ys[1], ys[2], anchor_rewards, anchor_sample_logprobs, beta=0.5)
+
+    _same_loss_and_gradient((full,), (_only(full, read),), read, loss_of)
+
+
+def test_bonbon_loss_reads_only_the_best_and_worst_samples_that_the_recipe_scores():
+    g = torch.Generator().manual_seed(22)
+    p, n = RECIPE_REWARDS.shape
+    policy = torch.randn(p, n, generator=g, dtype=DTYPE).requires_grad_(True)
+    ref = torch.randn(p, n, generator=g, dtype=DTYPE).requires_grad_(True)
+    best, worst = best_and_worst(RECIPE_REWARDS)  # what distill/bonbon.py scores
+    read = torch.zeros(p, n, dtype=torch.bool)
+    read[torch.arange(p), best] = read[torch.arange(p), worst] = True
+
+    def loss_of(policy_logprobs, ref_logprobs):
+        return bonbon_loss(policy_logprobs, ref_logprobs, RECIPE_REWARDS, alpha=0.3)
+
+    _same_loss_and_gradient((policy, ref), (_only(policy, read), _only(ref, read)), read, loss_of)
+
+
+def test_bond_forward_term_reads_only_the_samples_that_can_win_a_subset():
+    g = torch.Generator().manual_seed(23)
+    n = 3
+    full = torch.randn(*RECIPE_REWARDS.shape, generator=g, dtype=DTYPE).requires_grad_(True)
+    read = best_of_n_weights(RECIPE_REWARDS, n) > 0  # what distill/bond.py scores
+    assert not read.all()
+
+    def loss_of(ref_sample_logprobs):
+        return bon_sft_loss(ref_sample_logprobs, RECIPE_REWARDS, n=n)
+
+    _same_loss_and_gradient((full,), (_only(full, read),), read, loss_of)

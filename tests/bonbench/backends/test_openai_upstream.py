@@ -1,5 +1,5 @@
-"""The upstream backend against a real OpenAI-compatible server: bonbench's own plain app (tiny
-random model, no reward), served by uvicorn on a loopback port in a thread of this process."""
+"""The upstream backend against a real OpenAI-compatible server: bonbench's own plain server (tiny
+random model, no reward) as a child process on a loopback port."""
 
 from __future__ import annotations
 
@@ -9,23 +9,19 @@ import pytest
 
 from bonbench.backends.base import SamplingParams, UpstreamError
 from bonbench.backends.openai_upstream import OpenAIUpstreamBackend
-from bonbench.server.launch import free_port
-from tests.loopback import serve_in_thread
+from bonbench.server.launch import child_env, free_port, launch_server
 
 CHAT = [{"role": "user", "content": "Name three rivers."}]
 
 
 @pytest.fixture(scope="module")
-def upstream(tiny_model_path):
+def upstream(tiny_model_path, tmp_path_factory):
     """Base URL of a plain single-sample server (max_tokens at most 32)."""
-    from bonbench.backends.transformers import TransformersBackend
-    from bonbench.server.app import build_app
-    from bonbench.server.service import BestOfNService, Limits
-
-    backend = TransformersBackend.from_pretrained(tiny_model_path, "tiny")
-    service = BestOfNService(backend, None, "tiny", Limits(default_best_of=1, max_tokens=32, default_max_tokens=8))
-    with serve_in_thread(build_app(service)) as url:
-        yield f"{url}/v1"
+    args = ["--model", tiny_model_path, "--served-model-name", "tiny", "--reward-model", "none", "--n", "1",
+            "--max-tokens", "32", "--default-max-tokens", "8", "--threads", "1", "--log-level", "warning"]
+    log_path = tmp_path_factory.mktemp("upstream") / "server.log"
+    with launch_server(args, log_path=log_path, startup_timeout=180, env=child_env(HF_HUB_OFFLINE="1")) as server:
+        yield server.base_url
 
 
 def run(base_url: str, scenario, model: str | None = "tiny"):

@@ -1,5 +1,6 @@
 """Real servers for the server tests: ``python -m bonbench serve ...`` as a subprocess on a free
-loopback port, reached with the official ``openai`` client and with plain ``httpx``.
+loopback port (``bonbench.server.launch``), reached with the official ``openai`` client and with
+plain ``httpx``.
 
 ``start_server`` is the helper (a context manager); ``tiny_server`` is the shared Best-of-4 server
 on the tiny random model with the default (MiniLM) reward.
@@ -8,11 +9,8 @@ on the tiny random model with the default (MiniLM) reward.
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
+import itertools
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -20,29 +18,34 @@ from typing import Iterator
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
+from bonbench.server.launch import ServerProcess, child_env, launch_server
+
 TINY_NAME = "tiny-random"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_LOG_NUMBERS = itertools.count()
 
 
 @dataclass
 class Server:
-    """A running server subprocess."""
+    """A running server subprocess, with clients for it."""
 
-    url: str  # http://127.0.0.1:PORT
+    child: ServerProcess
     model: str  # the name clients send as 'model'
-    process: subprocess.Popen
-    log_path: Path
     api_key: str | None = None
 
     @property
+    def url(self) -> str:
+        return self.child.url
+
+    @property
     def base_url(self) -> str:
-        return f"{self.url}/v1"
+        return self.child.base_url
+
+    @property
+    def process(self) -> subprocess.Popen:
+        return self.child.process
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.child.log_tail(chars)
 
     def client(self, **kw):
         import openai
@@ -89,9 +92,6 @@ class Server:
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
 
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
 
 @contextlib.contextmanager
 def start_server(args: list[str], log_dir: Path, *, model: str, api_key: str | None = None,
@@ -100,39 +100,13 @@ def start_server(args: list[str], log_dir: Path, *, model: str, api_key: str | N
 
     Waits for ``/health``; on a failed start, the error carries the server's log.
     """
-    port = free_port()
-    log_path = log_dir / f"server-{port}.log"
-    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1", PYTHONPATH=python_path)
-    command = [sys.executable, "-m", "bonbench", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--threads", str(threads), "--log-level", "warning", *args]
+    args = ["--threads", str(threads), "--log-level", "warning", *args]
     if api_key:
-        command += ["--api-key", api_key]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", model, process, log_path, api_key)
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode} while starting:\n{server.log_tail()}")
-            try:
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not healthy after {startup_timeout}s:\n{server.log_tail()}")
-            time.sleep(0.25)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        args += ["--api-key", api_key]
+    log_path = log_dir / f"server-{next(_LOG_NUMBERS)}.log"
+    with launch_server(args, log_path=log_path, startup_timeout=startup_timeout,
+                       env=child_env(HF_HUB_OFFLINE="1")) as child:
+        yield Server(child, model, api_key)
 
 
 @pytest.fixture(scope="session")

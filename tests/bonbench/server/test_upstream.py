@@ -6,7 +6,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from .conftest import TINY_NAME, assert_error, chat_prompt_tokens, free_port, start_server, text_prompt_tokens
+from bonbench.server.launch import free_port
+
+from .conftest import TINY_NAME, assert_error, chat_prompt_tokens, start_server, text_prompt_tokens
 
 MESSAGES = [{"role": "user", "content": "Summarize the following article in one sentence.\n\n"
                                         "The harbour reopened after a week of storms."}]
