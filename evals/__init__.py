@@ -1,0 +1,1 @@
+"""Evaluations beyond bonbench measure: academic benchmarks, summarisation, judges and the report."""
