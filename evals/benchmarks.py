@@ -36,6 +36,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import re
 import shlex
 from dataclasses import asdict, dataclass
@@ -65,7 +66,7 @@ class BenchmarkConfig:
     reference: bool = field(True, "evaluate the reference itself (lm-eval's hf model)")
     policies: list[str] = field([], "policy folders to evaluate with lm-eval's hf model: merged checkpoints, or "
                                     "LoRA adapters (adapter_config.json) put on --model with peft=")
-    bon_n: list[int] = field([4], "Best-of-N sizes, served by bonbench serve (empty: no Best-of-N)")
+    bon_n: list[int] = field([4], "Best-of-N sizes, served by bonbench serve (0: no Best-of-N)")
     reward_model: str = field("default", "the reward that picks Best-of-N's answer on tasks without --bon-reward "
                                          "(any bonbench serve --reward-model spec)")
     bon_reward: list[str] = field([], "TASK=SPEC: the reward for Best-of-N on TASK (repeatable)")
@@ -88,6 +89,8 @@ class BenchmarkConfig:
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ValueError("--tasks is empty: name at least one task")
+        if self.bon_n == [0]:
+            self.bon_n = []
         if any(n < 1 for n in self.bon_n):
             raise ValueError(f"--bon-n values must be >= 1, got {self.bon_n}")
         if self.bon_n and not self.chat_template:
@@ -160,26 +163,32 @@ def policy_method(path: str, reference_path: str) -> Method:
     """The hf method for a policy folder: a merged checkpoint, or a LoRA adapter on the reference."""
     from bonbench.measure import policy_slug
 
-    folder = Path(path)
+    name, folder = f"policy-{policy_slug(path)}", Path(path)
     if not folder.exists():
         if folder.is_absolute() or path.startswith(".") or path.count("/") > 1:
             raise BenchmarkError(f"policy folder {path} does not exist")
-        return Method(f"policy-{policy_slug(path)}", path, path=path)  # a hub id
-    if (folder / "adapter_config.json").exists():
-        return Method(f"policy-{policy_slug(path)}", path, path=reference_path, adapter=str(folder))
+        return Method(name, path, path=path)  # a hub id
+    adapter = folder / "adapter_config.json"
+    if adapter.exists():
+        declared = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        if declared != reference_path:
+            log.info("LoRA adapter %s goes on the reference %s (it names %s as its base)", path, reference_path,
+                     declared)
+        return Method(name, path, path=reference_path, adapter=str(folder))
     if (folder / "config.json").exists():
-        return Method(f"policy-{policy_slug(path)}", path, path=str(folder))
+        return Method(name, path, path=str(folder))
     raise BenchmarkError(f"policy folder {path} is not a model: it holds neither config.json (a merged "
                          "checkpoint) nor adapter_config.json (a LoRA adapter)")
 
 
-def methods(cfg: BenchmarkConfig) -> list[Method]:
+def methods(cfg: BenchmarkConfig, bon_model: str) -> list[Method]:
+    """The reference, the policies and Best-of-N for each N (of ``bon_model``, the model served)."""
     from bonbench.models import resolve_policy
 
     reference_path = resolve_policy(cfg.model)
     found = [Method("reference", cfg.model, path=reference_path)] if cfg.reference else []
     found += [policy_method(p, reference_path) for p in cfg.policies]
-    found += [Method(f"bon-{n}", cfg.model, n=n) for n in sorted(set(cfg.bon_n))]
+    found += [Method(f"bon-{n}", bon_model, n=n) for n in sorted(set(cfg.bon_n))]
     names = [m.name for m in found]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
@@ -232,8 +241,12 @@ def _load_tasks(manager, task: str):
     try:
         return manager.load([task])
     except ConnectionError as exc:
-        raise BenchmarkError(f"task {task} needs its dataset from the Hugging Face hub, which cannot be reached "
-                             f"({exc}); the local tasks ({', '.join(sorted(local_task_names()))}) run offline") from exc
+        raise hub_error(task, exc) from exc
+
+
+def hub_error(task: str, exc: ConnectionError) -> BenchmarkError:
+    return BenchmarkError(f"task {task} needs its dataset from the Hugging Face hub, which cannot be reached "
+                          f"({exc}); the local tasks ({', '.join(sorted(local_task_names()))}) run offline")
 
 
 # ---------------------------------------------------------------------------------------
@@ -261,7 +274,9 @@ def check_server(base_url: str, n: int) -> tuple[Server, str]:
     an unreachable server or a refusal is a ``BenchmarkError``."""
     import openai
 
-    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=1, timeout=120)
+    # lm-eval's chat client sends $OPENAI_API_KEY too (for a server started with --api-key)
+    client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY") or "unused", max_retries=1,
+                           timeout=120)
     try:
         model = client.models.list().data[0].id
         reply = client.chat.completions.create(
@@ -327,9 +342,7 @@ def evaluate(lm, unit: Unit, manager, cfg: BenchmarkConfig, out: Path) -> None:
             apply_chat_template=cfg.chat_template, fewshot_as_multiturn=cfg.chat_template,
             bootstrap_iters=cfg.bootstrap_iters, log_samples=True, **seeds)
     except ConnectionError as exc:
-        raise BenchmarkError(f"task {unit.task} needs its dataset from the Hugging Face hub, which cannot be "
-                             f"reached ({exc}); the local tasks ({', '.join(sorted(local_task_names()))}) "
-                             "run offline") from exc
+        raise hub_error(unit.task, exc) from exc
     samples = results.pop("samples")
     results["bonbench"] = {"method": unit.method.name, "task": unit.task, "n": unit.method.n,
                            "reward": unit.reward, "model": unit.method.model}
@@ -415,10 +428,11 @@ def check_settings(cfg: BenchmarkConfig, out: Path) -> None:
     _write_text(path, json.dumps({"settings": settings, "config": asdict(cfg)}, indent=2))
 
 
-def plan(cfg: BenchmarkConfig, manager, tasks: list[str], reward_of) -> tuple[list[Unit], list[str]]:
+def plan(cfg: BenchmarkConfig, manager, tasks: list[str], external: Server | None,
+         reward_of) -> tuple[list[Unit], list[str]]:
     """Every unit the config asks for, and the ones Best-of-N cannot run (log-likelihood tasks)."""
     units, not_run = [], []
-    for method in methods(cfg):
+    for method in methods(cfg, bon_model=external.model if external else cfg.model):
         for task in tasks:
             if not method.is_bon:
                 units.append(Unit(method, task))
@@ -444,7 +458,8 @@ def run(cfg: BenchmarkConfig):
     if cfg.bon_base_url and cfg.bon_n:
         external, server_reward = check_server(cfg.bon_base_url, max(cfg.bon_n))
     rewards = cfg.task_rewards()
-    units, not_run = plan(cfg, manager, tasks, lambda task: server_reward or rewards.get(task, cfg.reward_model))
+    units, not_run = plan(cfg, manager, tasks, external,
+                          lambda task: server_reward or rewards.get(task, cfg.reward_model))
     check_settings(cfg, out)
     todo = [u for u in units if not u.raw_path(out).exists()]
     log.info("%d of %d (method, task) results on disk in %s; %d to run", len(units) - len(todo), len(units), out,

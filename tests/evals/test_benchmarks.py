@@ -204,6 +204,19 @@ def test_best_of_n_runs_through_a_bonbench_server_with_the_reward_chosen_per_tas
             assert len(answer) == len(pick[reward](matches[0]["candidates"], key=len))
 
 
+def test_best_of_n_against_a_running_server_records_the_reward_it_reports(tiny_model_path, tmp_path, monkeypatch):
+    from bonbench.server.launch import launch_server
+
+    monkeypatch.setenv("BONBENCH_TEST_REWARD_LOG", str(tmp_path / "rewards.jsonl"))
+    args = ["--model", tiny_model_path, "--served-model-name", "tiny", "--reward-model",
+            "tests.evals.rewards:shortest", "--threads", "1"]
+    with launch_server(args) as server:
+        table = run(BenchmarkConfig(tasks=["bonbench_qa"], model=tiny_model_path, reference=False, bon_n=[2],
+                                    limit=2, bon_base_url=server.base_url, out=str(tmp_path / "bon")))
+    assert table[["task", "metric", "method", "n", "reward", "model", "docs"]].values.tolist() == [
+        ["bonbench_qa", "exact_match", "bon-2", 2, "tests.evals.rewards:shortest", "tiny", 2]]
+
+
 # ---------------------------------------------------------------------------------------
 # Errors a user meets
 
@@ -249,3 +262,4 @@ def test_an_unreachable_server_and_a_stray_reward_are_refused(tmp_path):
         run(BenchmarkConfig(tasks=["bonbench_qa"], bon_reward=["bonbench_mc=default"], out=str(tmp_path / "b")))
     with pytest.raises(ValueError, match="--bon-reward takes TASK=SPEC"):
         BenchmarkConfig(bon_reward=["bonbench_qa"])
+    assert BenchmarkConfig(bon_n=[0]).bon_n == []  # the command line's way to ask for no Best-of-N
