@@ -1,0 +1,1 @@
+"""The project's own lm-eval tasks over local JSONL (YAML configs, data and their checkers)."""
