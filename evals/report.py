@@ -113,6 +113,57 @@ def reward_kl(methods, runs: Runs, folder: Path) -> Section:
         figures=[("Reward against KL(π ‖ π_ref).", figures.reward_vs_kl(methods, curves, folder / "reward_vs_kl.png"))])
 
 
+def rouge_length(methods) -> Section | None:
+    """ROUGE against the human summaries and answer length: where reward hacking would show."""
+    if "rougeL" not in methods:
+        return None
+    columns = ["method", "reward", "rouge1", "rouge2", "rougeL", "rougeL_se", "words", "words_se", "flag"]
+    table = methods[[c for c in columns if c in methods]].copy()
+    flagged = table[table["flag"].fillna("") != ""]["method"].tolist() if "flag" in table else []
+    verdict = (f"Flagged as possible reward hacking: {', '.join(flagged)}." if flagged else
+               "No method's reward rose while its ROUGE-L fell or its answers grew beyond their intervals.")
+    return Section("ROUGE and length against the human summaries", [
+        "ROUGE-1/2/L F1 of each served answer against the task's reference summary (stemmed); words per "
+        "answer. A reward that climbs while ROUGE-L falls or answers grow is the signature of reward hacking.",
+        verdict], [("", table)])
+
+
+def benchmark_section(runs: Runs) -> Section | None:
+    """lm-eval scores, one row per task and metric, one column per method (with the reward that chose
+    each Best-of-N answer in its name)."""
+    import pandas as pd
+
+    if not runs.benchmarks:
+        return None
+    frame = pd.concat([f for _, f in runs.benchmarks], ignore_index=True)
+    label = frame["method"].astype(str)
+    bon = frame["n"] > 1
+    label = label.where(~bon, label + " (reward: " + frame["reward"].astype(str) + ")")
+    frame = frame.assign(column=label, cell=[f"{v:.3f}" + (f" ± {e:.3f}" if e == e else "")
+                                             for v, e in zip(frame["value"], frame["stderr"])])
+    table = frame.pivot_table(index=["task", "metric"], columns="column", values="cell", aggfunc="first")
+    table = table.reset_index()
+    table.columns.name = None
+    return Section("Benchmarks (lm-eval)", [
+        "Scores ± lm-eval's standard error. A Best-of-N column names the reward that chose its answers: a "
+        "summary reward is the wrong judge for short answers, and the table shows what that costs."], [("", table)])
+
+
+def judge_section(runs: Runs) -> Section | None:
+    import pandas as pd
+
+    if not runs.judge:
+        return None
+    frame = pd.concat([f for _, f in runs.judge], ignore_index=True)
+    columns = ["method_a", "method_b", "judge", "judged", "win_rate", "win_low", "win_high", "lc_win_rate",
+               "lc_low", "lc_high", "position_bias", "mean_len_a", "mean_len_b"]
+    notes = sorted({n for n in frame.get("note", pd.Series(dtype=str)).fillna("") if n})
+    return Section("Side-by-side (LLM judge)", [
+        "Each pair judged in both orders (position bias cancelled); win rate of A over B with a bootstrap "
+        "interval; the length-controlled win rate is AlpacaEval's GLM read at zero length difference.", *notes],
+        [("", frame[[c for c in columns if c in frame]])])
+
+
 def build(cfg: ReportConfig, folders: list[Path]) -> tuple[Path, Path]:
     """Build the report from run folders; return the paths of report.md and report.html."""
     runs = load_runs(folders)
@@ -123,6 +174,9 @@ def build(cfg: ReportConfig, folders: list[Path]) -> tuple[Path, Path]:
     if methods is not None:
         methods.to_csv(folder / "methods.csv", index=False)
         sections += [headline(methods, folder), reward_kl(methods, runs, folder)]
+        sections.append(rouge_length(methods))
+    sections += [benchmark_section(runs), judge_section(runs)]
+    sections = [s for s in sections if s is not None]
     sources = Section("Where the numbers come from", [f"`{f}`" for f in folders])
     sections.append(sources)
     md, page = write_report(folder, cfg.title, sections)

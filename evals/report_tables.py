@@ -4,7 +4,7 @@ A run folder is recognised by what it holds, never by its name:
 
 * ``evals.xsum`` or ``bonbench measure``: ``run.json`` and ``summary.parquet`` with a ``method``
   column (one row per method: ``BoN-N``, ``policy:<slug>``, and with xsum ``reference``);
-* ``evals.benchmarks``: ``results.parquet`` with ``task``, ``metric`` and ``value`` columns;
+* ``evals.benchmarks``: ``benchmarks.parquet`` with ``task``, ``metric`` and ``value`` columns;
 * ``evals.judge``: ``summary.parquet`` with an ``lc_win_rate`` column;
 * a ``distill`` run: ``metrics.jsonl`` (its ``eval/*`` rows are the training curve) and ``config.json``.
 
@@ -95,15 +95,15 @@ def load_runs(folders: list[Path]) -> Runs:
             elif "method" in columns:
                 runs.methods.append((folder, method_table(folder)))
                 found = True
-        if (folder / "results.parquet").exists():
-            runs.benchmarks.append((folder, pd.read_parquet(folder / "results.parquet")))
+        if (folder / "benchmarks.parquet").exists():
+            runs.benchmarks.append((folder, pd.read_parquet(folder / "benchmarks.parquet")))
             found = True
         if (folder / "metrics.jsonl").exists():
             runs.curves.append((folder, curve_table(folder)))
             found = True
         if not found:
             raise NotARunFolder(f"{folder} holds no table the report reads (summary.parquet of evals.xsum, "
-                                "bonbench measure or evals.judge, results.parquet of evals.benchmarks, or a "
+                                "bonbench measure or evals.judge, benchmarks.parquet of evals.benchmarks, or a "
                                 "distill run's metrics.jsonl)")
     return runs
 
