@@ -68,7 +68,7 @@ class Candidate:
 
     text: str
     num_tokens: int
-    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens reached)
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (max_tokens) or "cancelled"
     logprob: float | None = None
     token_ids: list[int] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)  # filled when SamplingParams.logprobs
@@ -88,6 +88,25 @@ class Generation:
     @property
     def completion_tokens(self) -> int:
         return sum(c.num_tokens for c in self.candidates)
+
+
+@dataclass
+class CancelledWork:
+    """Work a backend threw away for requests cancelled before their answer (the client left).
+
+    A backend that can tell exposes one as ``cancelled_work`` and adds to it as it stops the
+    candidates; the server reports it in /metrics. Only the backend's own thread writes it.
+    """
+
+    candidates: int = 0  # candidates stopped before their end (or never started)
+    tokens: int = 0  # tokens those candidates had drawn when they stopped
+
+    def add(self, candidates: Sequence[Candidate] = (), never_started: int = 0) -> None:
+        """Count the candidates a cancellation cut (``finish_reason == "cancelled"``) and those
+        it stopped before they drew a token."""
+        cut = [c for c in candidates if c.finish_reason == "cancelled"]
+        self.candidates += len(cut) + never_started
+        self.tokens += sum(c.num_tokens for c in cut)
 
 
 class PromptTooLong(ValueError):
@@ -119,7 +138,8 @@ class Backend(Protocol):
 
     Implementations: ``transformers`` (in-process), ``vllm`` (in-process, GPU) and
     ``openai`` (an upstream OpenAI-compatible server). ``generate`` may be called concurrently
-    from many coroutines; a backend batches what it can.
+    from many coroutines; a backend batches what it can. One that can count what cancelled
+    requests cost also has a ``cancelled_work: CancelledWork`` attribute (optional).
     """
 
     model_name: str

@@ -13,7 +13,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
-from bonbench.backends.base import Generation, Prompt, SamplingParams, check_context, is_chat
+from bonbench.backends.base import CancelledWork, Generation, Prompt, SamplingParams, check_context, is_chat
 from bonbench.backends.sampling import SampleRequest, sample
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class TransformersBackend:
         self.model_name = model_name
         self.max_batch_rows = max_batch_rows
         self._eos = eos_ids(model, tokenizer)
+        self.cancelled_work = CancelledWork()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._serve, name="bonbench-generate", daemon=True)
         self._worker.start()
@@ -152,7 +153,9 @@ class TransformersBackend:
                 break
             batch.append(job)
             rows += job.request.params.n
-        return [j for j in batch if not j.cancelled.is_set()]
+        kept = [j for j in batch if not j.cancelled.is_set()]
+        self.cancelled_work.add(never_started=rows - sum(j.request.params.n for j in kept))
+        return kept
 
     def _serve(self) -> None:
         while (batch := self._next_batch()) is not None:
@@ -166,4 +169,6 @@ class TransformersBackend:
                     job.resolve(error=RuntimeError(f"{type(exc).__name__}: {exc}"))
                 continue
             for job, candidates in zip(batch, results):
+                if job.cancelled.is_set():
+                    self.cancelled_work.add(candidates)
                 job.resolve(candidates)

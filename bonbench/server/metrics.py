@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
-from bonbench.backends.base import Generation
+from bonbench.backends.base import CancelledWork, Generation
 
 
 class Metrics:
@@ -35,5 +36,22 @@ class Metrics:
         self.candidates.inc(len(generation.candidates))
         self.generation_seconds.inc(seconds)
 
+    def count_cancelled_work(self, work: CancelledWork) -> None:
+        """Report the backend's count of work thrown away for cancelled requests (read at each scrape)."""
+        self.registry.register(_CancelledWorkCollector(work))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CancelledWorkCollector:
+    def __init__(self, work: CancelledWork) -> None:
+        self.work = work
+
+    def collect(self):
+        yield CounterMetricFamily("bonbench_cancelled_candidates",
+                                  "Candidates stopped before their end because their request was cancelled",
+                                  value=self.work.candidates)
+        yield CounterMetricFamily("bonbench_cancelled_tokens",
+                                  "Tokens the cancelled candidates had drawn when they stopped",
+                                  value=self.work.tokens)

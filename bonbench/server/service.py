@@ -73,6 +73,9 @@ class BestOfNService:
         self.model_name = model_name
         self.limits = limits
         self.metrics = metrics or Metrics()
+        cancelled_work = getattr(backend, "cancelled_work", None)  # only backends that can count it
+        if cancelled_work is not None:
+            self.metrics.count_cancelled_work(cancelled_work)
         self._in_flight = 0
         # One thread scores: reward models are not re-entrant and the CPU has few cores.
         self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bonbench-reward")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from distill.bond import Bond, BondConfig
 from distill.jbond import JBond, JBondConfig
 from distill.loop import TrainingError, build_context, step_indices, train
 from distill.rloo import Rloo, RlooConfig
+from tests.distill.rewards import SCORED_DIR
 
 CONFIGS = Path(__file__).parents[2] / "distill" / "configs"
 
@@ -129,10 +131,11 @@ def test_non_finite_loss_stops_loudly_and_keeps_the_checkpoint(tiny_model_path, 
     recipe = JBond(cfg)
     ctx = build_context(cfg, recipe)
     original = recipe.loss
+    calls = itertools.count(1)
 
     def poisoned(ctx, batch, seed):
         out = original(ctx, batch, seed)
-        if seed % 1_000_003 == 1:  # the second step
+        if next(calls) == 2:  # the second step (one micro-batch a step)
             return out._replace(loss=out.loss * float("nan"))
         return out
 
@@ -167,8 +170,9 @@ def test_step_indices_cover_each_epoch_once_in_a_seeded_order():
     assert seen != [i for s in range(5) for i in step_indices(10, 4, s, seed=4)]
 
 
-RECIPE_YAMLS = {"jbond": JBondConfig, "bond": BondConfig, "iterative_bond": BondConfig, "vbon": BondConfig,
-                "bon_sft": BondConfig, "rloo": RlooConfig, "bonbon": BonBonConfig}
+RECIPE_YAMLS = {"jbond": (JBondConfig, JBond), "bond": (BondConfig, Bond), "iterative_bond": (BondConfig, Bond),
+                "vbon": (BondConfig, Bond), "bon_sft": (BondConfig, Bond), "rloo": (RlooConfig, Rloo),
+                "bonbon": (BonBonConfig, BonBon)}
 ACCELERATE_YAMLS = {"accelerate_ddp"}
 
 
@@ -178,10 +182,12 @@ def test_every_shipped_yaml_is_a_recipe_or_an_accelerate_config():
 
 
 @pytest.mark.parametrize("stem", sorted(RECIPE_YAMLS))
-def test_every_recipe_yaml_builds_its_config(stem):
-    cls = RECIPE_YAMLS[stem]
-    cfg = cls(**load_yaml(cls, CONFIGS / f"{stem}.yaml"))
-    assert isinstance(cfg, cls)
+def test_every_recipe_yaml_sets_its_options_and_builds_the_recipe_it_is_named_for(stem):
+    config_cls, recipe_cls = RECIPE_YAMLS[stem]
+    options = load_yaml(config_cls, CONFIGS / f"{stem}.yaml")
+    cfg = config_cls(**options)
+    assert options and {k: getattr(cfg, k) for k in options} == options
+    assert recipe_cls(cfg).name == stem.replace("_", "-")
 
 
 def test_accelerate_config_is_data_parallel_on_one_machine():
@@ -208,15 +214,20 @@ def test_two_process_launch_trains_with_ddp_and_writes_once(tiny_model_path, tmp
     import subprocess
     import sys
 
-    out = tmp_path / "ddp"
+    out, scored = tmp_path / "ddp", tmp_path / "scored"
+    scored.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "distill.jbond",
            "--model", tiny_model_path,
-           "--reward-model", "tests.distill.rewards:distinct_characters", "--steps", "2", "--batch-prompts", "4",
+           "--reward-model", "tests.distill.rewards:distinct_characters_by_rank", "--steps", "2", "--batch-prompts", "4",
            "--eval-prompts", "0", "--max-tokens", "8", "--lora-r", "4", "--threads", "1", "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), SCORED_DIR: str(scored)}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "training on 2 process(es)" in run.stderr
+    prompts = {f.name: set(f.read_text().split()) for f in scored.iterdir()}
+    assert set(prompts) == {"rank-0", "rank-1"}, "both processes trained"
+    # each takes its own half of every step's prompts: 2 steps x 4 prompts, 4 distinct ones each
+    assert len(prompts["rank-0"]) == len(prompts["rank-1"]) == 4
+    assert not prompts["rank-0"] & prompts["rank-1"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]  # written once, by the main process
     assert (out / "policy" / "adapter_model.safetensors").exists()

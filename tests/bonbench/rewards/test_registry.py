@@ -37,9 +37,26 @@ def test_judge_needs_a_judge_model():
     assert isinstance(judge, JudgeReward) and judge.name == "judge:gpt-4o-mini"
 
 
-def test_any_other_spec_is_a_sequence_classifier_path_and_a_missing_one_fails_loudly(tmp_path):
-    with pytest.raises(OSError):
-        load_reward(str(tmp_path / "no-such-reward-model"))
+def test_any_other_spec_is_a_sequence_classifier_folder_that_scores_each_answer(tiny_model_path, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    from bonbench.rewards.sequence_classifier import SequenceClassifierReward
+
+    config = AutoConfig.from_pretrained(tiny_model_path, num_labels=1)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(tmp_path / "rm")
+    reward = load_reward(str(tmp_path / "rm"))
+    assert isinstance(reward, SequenceClassifierReward) and isinstance(reward, RewardModel)
+    prompts, answers = ["Say hi.", "Say hi.", "Say hi."], ["Hi!", "Hello there.", "Hi!"]
+    scores = reward.score(prompts, answers)
+    assert len(scores) == 3 and all(isinstance(s, float) for s in scores)
+    assert scores[0] == pytest.approx(scores[2]) and scores[0] != pytest.approx(scores[1])
+
+
+def test_a_missing_reward_model_folder_fails_naming_it(tmp_path):
+    missing = str(tmp_path / "no-such-reward-model")
+    with pytest.raises(OSError, match="no-such-reward-model"):
+        load_reward(missing)
 
 
 def test_help_names_every_kind_of_spec():
