@@ -13,9 +13,11 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
+from bonbench.config import field
 from bonbench.models import DEFAULT_POLICY, ModelNotFound
+from bonbench.rewards import REWARD_HELP
 from bonbench.samplestore import SAMPLE_COLUMNS
 from bonbench.seeds import derive_seed
 
@@ -24,28 +26,69 @@ if TYPE_CHECKING:
 
 POOL, POLICY = 0, 1  # the roles that seed a prompt's draws
 
-__all__ = ["LoadedLM", "Models", "SamplingSettings", "build_reward", "check_model_source", "check_sources",
+__all__ = ["LoadedLM", "Models", "SamplingOptions", "build_reward", "check_model_source", "check_sources",
            "draw_missing", "load_models", "load_policy", "sample_missing", "sample_policy", "sample_pool",
            "score_rows"]
 
 
-class SamplingSettings(Protocol):
+@dataclass
+class SamplingOptions:
     """The options of a command that draws a reference pool and policy samples into a run folder
-    (``bonbench measure``, ``evals.xsum``): what the functions below read from its config."""
+    (``bonbench measure``, ``evals.xsum``): each command's config derives from this one, adds its
+    ``policy`` and ``out`` and may change a default."""
 
-    model: str
-    reward_model: str
-    judge_model: str
-    judge_base_url: str
-    judge_api_key_env: str
-    k: int
-    max_tokens: int
-    temperature: float
-    batch_prompts: int
-    logprob_batch: int
-    seed: int
-    dtype: str
-    device: str
+    model: str = field("default", "the reference policy: 'default' (embedded SmolLM2-135M-Instruct), "
+                                  "a Hugging Face id or a folder")
+    reward_model: str = field("default", REWARD_HELP)
+    judge_model: str = field("", "the judge's model name on its server, for --reward-model judge")
+    judge_base_url: str = field("", "OpenAI-compatible base URL of the judge (default: OpenAI's)")
+    judge_api_key_env: str = field("", "name of the environment variable that holds the judge's API key "
+                                       "(e.g. OPENAI_API_KEY; the key itself is never written to run.json)")
+    task: str = field("default", "prompt set: 'default' (shipped news passages), 'xsum', or a dataset "
+                                 "with XSum's columns")
+    split: str = field("test", "split of the task")
+    limit: int = field(0, "number of prompts, the first of the split (0: all)")
+    ns: list[int] = field([1, 2, 4, 8, 16], "the N values of Best-of-N")
+    k: int = field(16, "reference samples per prompt: the reward distribution quantiles are taken against")
+    pool: int = field(0, "candidate samples per prompt that Best-of-N selects from (0: the largest N)")
+    policy_samples: int = field(4, "samples per prompt from --policy")
+    max_tokens: int = field(48, "most tokens per answer")
+    temperature: float = field(1.0, "sampling temperature of the reference (the policy samples at 1)")
+    batch_prompts: int = field(2, "prompts per sampling batch (each brings k + pool rows)")
+    logprob_batch: int = field(16, "answers per teacher-forced forward pass (policy KL)")
+    seed: int = field(0, "random seed; each prompt's samples depend only on it and the prompt's index")
+    dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16")
+    device: str = field("cpu", "cpu or cuda[:i]")
+    threads: int = field(0, "torch CPU threads (0: torch's default)")
+
+    def __post_init__(self) -> None:
+        if not self.ns or any(n < 1 for n in self.ns):
+            raise ValueError(f"--ns needs positive integers, got {self.ns}")
+        self.ns = sorted(set(int(n) for n in self.ns))
+        if self.k < 1:
+            raise ValueError(f"--k must be >= 1 (quantiles need reference samples), got {self.k}")
+        if self.pool < 0 or (self.pool and self.pool < max(self.ns)):
+            raise ValueError(f"--pool {self.pool} cannot hold a Best-of-{max(self.ns)}; use 0 (auto) "
+                             f"or at least {max(self.ns)}")
+        if self.limit < 0:
+            raise ValueError(f"--limit must be >= 0 (0: all prompts), got {self.limit}")
+        if self.policy_samples < 1:
+            raise ValueError(f"--policy-samples must be >= 1, got {self.policy_samples}")
+        if self.max_tokens < 1 or self.batch_prompts < 1 or self.logprob_batch < 1:
+            raise ValueError("--max-tokens, --batch-prompts and --logprob-batch must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError("--temperature must be > 0: Best-of-N needs distinct random samples")
+        judging = self.reward_model == "judge"
+        if judging and not self.judge_model:
+            raise ValueError("--reward-model judge needs --judge-model, the judge's model name on its server")
+        if not judging and (self.judge_model or self.judge_base_url or self.judge_api_key_env):
+            raise ValueError("--judge-model, --judge-base-url and --judge-api-key-env are read only with "
+                             "--reward-model judge")
+
+    def check_policy_temperature(self, has_policy: bool) -> None:
+        if has_policy and self.temperature != 1.0:
+            raise ValueError("--policy needs --temperature 1: a policy's KL, win rate and quantiles are "
+                             "measured against the reference distribution itself")
 
 
 # ---------------------------------------------------------------------------------------
@@ -72,7 +115,7 @@ def check_model_source(option: str, name: str) -> None:
                             "or a Hugging Face hub id such as org/name)") from None
 
 
-def check_sources(cfg: SamplingSettings, policies: Sequence[str] = ()) -> None:
+def check_sources(cfg: SamplingOptions, policies: Sequence[str] = ()) -> None:
     """What can be wrong before any model loads: ``cfg.model`` or one of ``policies`` is not a
     model (``ModelNotFound``), the judge's key variable is not set (``ValueError``)."""
     check_model_source("--model", cfg.model)
@@ -82,7 +125,7 @@ def check_sources(cfg: SamplingSettings, policies: Sequence[str] = ()) -> None:
         raise ValueError(f"--judge-api-key-env {cfg.judge_api_key_env}: no such environment variable is set")
 
 
-def build_reward(cfg: SamplingSettings):
+def build_reward(cfg: SamplingOptions):
     """The reward ``cfg`` names (a judge with its model, URL and key); never None."""
     from bonbench.rewards import load_reward
 
@@ -263,7 +306,7 @@ def sample_missing(todo: Sequence[dict], batch_prompts: int, desc: str, sample_b
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
 
 
-def draw_missing(cfg: SamplingSettings, store: SampleStore, pool: int, pool_todo: Sequence[dict],
+def draw_missing(cfg: SamplingOptions, store: SampleStore, pool: int, pool_todo: Sequence[dict],
                  policy_todo: Sequence[tuple[dict, Sequence[dict]]] = ()) -> None:
     """Draw what ``store`` lacks: the reference pools (``cfg.k`` references and ``pool``
     candidates) of the prompts in ``pool_todo``, then, one policy at a time, the samples of each

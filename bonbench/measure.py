@@ -99,69 +99,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bonbench.collect import SamplingOptions
 from bonbench.config import field, parse_config
 from bonbench.models import ModelNotFound
-from bonbench.rewards import REWARD_HELP
 from bonbench.samplestore import SampleStore, pool_settings
 
 log = logging.getLogger("bonbench.measure")
 
 
 @dataclass
-class MeasureConfig:
-    model: str = field("default", "the reference policy: 'default' (embedded SmolLM2-135M-Instruct), "
-                                  "a Hugging Face id or a folder")
+class MeasureConfig(SamplingOptions):
+    """``bonbench.collect.SamplingOptions`` (model, reward, task, pool and sampling) and these."""
+
     policy: str = field("", "a policy to compare with Best-of-N: a model folder, or a PEFT LoRA adapter "
                             "folder (adapter_config.json) applied to --model")
-    reward_model: str = field("default", REWARD_HELP)
-    judge_model: str = field("", "the judge's model name on its server, for --reward-model judge")
-    judge_base_url: str = field("", "OpenAI-compatible base URL of the judge (default: OpenAI's)")
-    judge_api_key_env: str = field("", "name of the environment variable that holds the judge's API key "
-                                       "(e.g. OPENAI_API_KEY; the key itself is never written to run.json)")
-    task: str = field("default", "prompt set: 'default' (shipped news passages), 'xsum', or a dataset "
-                                 "with XSum's columns")
-    split: str = field("test", "split of the task")
-    limit: int = field(0, "number of prompts, the first of the split (0: all)")
-    ns: list[int] = field([1, 2, 4, 8, 16], "the N values of Best-of-N")
-    k: int = field(16, "reference samples per prompt: the reward distribution quantiles are taken against")
-    pool: int = field(0, "candidate samples per prompt that Best-of-N selects from (0: the largest N)")
-    policy_samples: int = field(4, "samples per prompt from --policy")
-    max_tokens: int = field(48, "most tokens per answer")
-    temperature: float = field(1.0, "sampling temperature of the reference (the policy samples at 1)")
-    batch_prompts: int = field(2, "prompts per sampling batch (each brings k + pool rows)")
-    logprob_batch: int = field(16, "answers per teacher-forced forward pass (policy KL)")
-    seed: int = field(0, "random seed; each prompt's samples depend only on it and the prompt's index")
     out: str = field("", "output folder (default: runs/measure/<timestamp>); an existing one is resumed")
-    dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16")
-    device: str = field("cpu", "cpu or cuda[:i]")
-    threads: int = field(0, "torch CPU threads (0: torch's default)")
 
     def __post_init__(self) -> None:
-        if not self.ns or any(n < 1 for n in self.ns):
-            raise ValueError(f"--ns needs positive integers, got {self.ns}")
-        self.ns = sorted(set(int(n) for n in self.ns))
-        if self.k < 1:
-            raise ValueError(f"--k must be >= 1 (quantiles need reference samples), got {self.k}")
-        if self.pool < 0 or (self.pool and self.pool < max(self.ns)):
-            raise ValueError(f"--pool {self.pool} cannot hold a Best-of-{max(self.ns)}; use 0 (auto) "
-                             f"or at least {max(self.ns)}")
-        if self.limit < 0:
-            raise ValueError(f"--limit must be >= 0 (0: all prompts), got {self.limit}")
-        if self.policy_samples < 1:
-            raise ValueError(f"--policy-samples must be >= 1, got {self.policy_samples}")
-        if self.max_tokens < 1 or self.batch_prompts < 1 or self.logprob_batch < 1:
-            raise ValueError("--max-tokens, --batch-prompts and --logprob-batch must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError("--temperature must be > 0: Best-of-N needs distinct random samples")
-        if self.policy and self.temperature != 1.0:
-            raise ValueError("--policy needs --temperature 1: the policy's KL, win rate and quantiles are "
-                             "measured against the reference distribution itself")
-        judging = self.reward_model == "judge"
-        if judging and not self.judge_model:
-            raise ValueError("--reward-model judge needs --judge-model, the judge's model name on its server")
-        if not judging and (self.judge_model or self.judge_base_url or self.judge_api_key_env):
-            raise ValueError("--judge-model, --judge-base-url and --judge-api-key-env are read only with "
-                             "--reward-model judge")
+        super().__post_init__()
+        self.check_policy_temperature(bool(self.policy))
 
 
 # ---------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ class SampleStore:
             return
         if saved.get("kind") != kind:
             owner = saved.get("kind") or "bonbench measure"
-            raise ValueError(f"{self.root} holds a {owner} run, not a {kind or 'bonbench measure'} one; "
+            raise ValueError(f"{self.root} holds a run of {owner}, not of {kind or 'bonbench measure'}; "
                              "use a new --out")
         before = saved["settings"]
         changed = {k: (before.get(k, defaults.get(k)), v) for k, v in settings.items()
