@@ -9,19 +9,86 @@ batch, so a resumed or grown run draws what a fresh one would.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
+from bonbench.config import field
 from bonbench.models import DEFAULT_POLICY, ModelNotFound
+from bonbench.rewards import REWARD_HELP
 from bonbench.samplestore import SAMPLE_COLUMNS
 from bonbench.seeds import derive_seed
 
+if TYPE_CHECKING:
+    from bonbench.samplestore import SampleStore
+
 POOL, POLICY = 0, 1  # the roles that seed a prompt's draws
 
-__all__ = ["LoadedLM", "Models", "check_model_source", "load_models", "sample_missing", "sample_policy",
-           "sample_pool", "score_rows"]
+__all__ = ["LoadedLM", "Models", "SamplingOptions", "build_reward", "check_model_source", "check_sources",
+           "draw_missing", "load_models", "load_policy", "sample_missing", "sample_policy", "sample_pool",
+           "score_rows"]
+
+
+@dataclass
+class SamplingOptions:
+    """The options of a command that draws a reference pool and policy samples into a run folder
+    (``bonbench measure``, ``evals.xsum``): each command's config derives from this one, adds its
+    ``policy`` and ``out`` and may change a default."""
+
+    model: str = field("default", "the reference policy: 'default' (embedded SmolLM2-135M-Instruct), "
+                                  "a Hugging Face id or a folder")
+    reward_model: str = field("default", REWARD_HELP)
+    judge_model: str = field("", "the judge's model name on its server, for --reward-model judge")
+    judge_base_url: str = field("", "OpenAI-compatible base URL of the judge (default: OpenAI's)")
+    judge_api_key_env: str = field("", "name of the environment variable that holds the judge's API key "
+                                       "(e.g. OPENAI_API_KEY; the key itself is never written to run.json)")
+    task: str = field("default", "prompt set: 'default' (shipped news passages), 'xsum', or a dataset "
+                                 "with XSum's columns")
+    split: str = field("test", "split of the task")
+    limit: int = field(0, "number of prompts, the first of the split (0: all)")
+    ns: list[int] = field([1, 2, 4, 8, 16], "the N values of Best-of-N")
+    k: int = field(16, "reference samples per prompt: the reward distribution quantiles are taken against")
+    pool: int = field(0, "candidate samples per prompt that Best-of-N selects from (0: the largest N)")
+    policy_samples: int = field(4, "samples per prompt from --policy")
+    max_tokens: int = field(48, "most tokens per answer")
+    temperature: float = field(1.0, "sampling temperature of the reference (the policy samples at 1)")
+    batch_prompts: int = field(2, "prompts per sampling batch (each brings k + pool rows)")
+    logprob_batch: int = field(16, "answers per teacher-forced forward pass (policy KL)")
+    seed: int = field(0, "random seed; each prompt's samples depend only on it and the prompt's index")
+    dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16")
+    device: str = field("cpu", "cpu or cuda[:i]")
+    threads: int = field(0, "torch CPU threads (0: torch's default)")
+
+    def __post_init__(self) -> None:
+        if not self.ns or any(n < 1 for n in self.ns):
+            raise ValueError(f"--ns needs positive integers, got {self.ns}")
+        self.ns = sorted(set(int(n) for n in self.ns))
+        if self.k < 1:
+            raise ValueError(f"--k must be >= 1 (quantiles need reference samples), got {self.k}")
+        if self.pool < 0 or (self.pool and self.pool < max(self.ns)):
+            raise ValueError(f"--pool {self.pool} cannot hold a Best-of-{max(self.ns)}; use 0 (auto) "
+                             f"or at least {max(self.ns)}")
+        if self.limit < 0:
+            raise ValueError(f"--limit must be >= 0 (0: all prompts), got {self.limit}")
+        if self.policy_samples < 1:
+            raise ValueError(f"--policy-samples must be >= 1, got {self.policy_samples}")
+        if self.max_tokens < 1 or self.batch_prompts < 1 or self.logprob_batch < 1:
+            raise ValueError("--max-tokens, --batch-prompts and --logprob-batch must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError("--temperature must be > 0: Best-of-N needs distinct random samples")
+        judging = self.reward_model == "judge"
+        if judging and not self.judge_model:
+            raise ValueError("--reward-model judge needs --judge-model, the judge's model name on its server")
+        if not judging and (self.judge_model or self.judge_base_url or self.judge_api_key_env):
+            raise ValueError("--judge-model, --judge-base-url and --judge-api-key-env are read only with "
+                             "--reward-model judge")
+
+    def check_policy_temperature(self, has_policy: bool) -> None:
+        if has_policy and self.temperature != 1.0:
+            raise ValueError("--policy needs --temperature 1: a policy's KL, win rate and quantiles are "
+                             "measured against the reference distribution itself")
 
 
 # ---------------------------------------------------------------------------------------
@@ -29,17 +96,45 @@ __all__ = ["LoadedLM", "Models", "check_model_source", "load_models", "sample_mi
 
 
 def check_model_source(option: str, name: str) -> None:
-    """Refuse a model name that is neither a folder on disk nor a Hugging Face hub id, before any
-    model work: a path that does not exist would otherwise end in an error about hub repo ids."""
+    """Refuse a model name that is neither a model folder on disk nor a Hugging Face hub id, before
+    any model work: a path that does not exist would otherwise end in an error about hub repo ids,
+    and a folder without a model in one deep inside ``transformers``."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if name == DEFAULT_POLICY or Path(name).exists():
+    if name == DEFAULT_POLICY:
+        return
+    if Path(name).exists():
+        if not any((Path(name) / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise ModelNotFound(f"{option} {name}: the folder holds no model (neither config.json nor a LoRA "
+                                "adapter's adapter_config.json)")
         return
     try:
         validate_repo_id(name)
     except HFValidationError:
         raise ModelNotFound(f"{option} {name}: no such folder (give a model folder, a LoRA adapter folder "
                             "or a Hugging Face hub id such as org/name)") from None
+
+
+def check_sources(cfg: SamplingOptions, policies: Sequence[str] = ()) -> None:
+    """What can be wrong before any model loads: ``cfg.model`` or one of ``policies`` is not a
+    model (``ModelNotFound``), the judge's key variable is not set (``ValueError``)."""
+    check_model_source("--model", cfg.model)
+    for policy in policies:
+        check_model_source("--policy", policy)
+    if cfg.judge_api_key_env and cfg.judge_api_key_env not in os.environ:
+        raise ValueError(f"--judge-api-key-env {cfg.judge_api_key_env}: no such environment variable is set")
+
+
+def build_reward(cfg: SamplingOptions):
+    """The reward ``cfg`` names (a judge with its model, URL and key); never None."""
+    from bonbench.rewards import load_reward
+
+    key = os.environ[cfg.judge_api_key_env] if cfg.judge_api_key_env else None
+    reward = load_reward(cfg.reward_model, device=cfg.device, judge_model=cfg.judge_model or None,
+                         judge_base_url=cfg.judge_base_url or None, judge_api_key=key)
+    if reward is None:
+        raise ValueError("scoring samples needs a reward model; --reward-model none has none")
+    return reward
 
 
 @dataclass
@@ -63,16 +158,23 @@ def load_models(model: str, policy: str = "", *, dtype: str = "auto", device: st
     from bonbench.backends.transformers import eos_ids, load_causal_lm
     from bonbench.models import resolve_policy
 
-    ref_path = resolve_policy(model)
-    ref_model, tokenizer = load_causal_lm(ref_path, dtype, device)
+    ref_model, tokenizer = load_causal_lm(resolve_policy(model), dtype, device)
     models = Models(LoadedLM(ref_model, tokenizer, eos_ids(ref_model, tokenizer)))
-    if policy:
-        pol_model, pol_tokenizer = load_causal_lm(resolve_policy(policy), dtype, device, adapter_base=ref_path)
-        if pol_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"--policy {policy} and --model {model} have different vocabularies: "
-                             "log π − log π_ref needs the same tokens under both")
-        models.policy = LoadedLM(pol_model, pol_tokenizer, eos_ids(pol_model, pol_tokenizer))
-    return models
+    return load_policy(models, model, policy, dtype=dtype, device=device) if policy else models
+
+
+def load_policy(models: Models, model: str, policy: str, *, dtype: str = "auto", device: str = "cpu") -> Models:
+    """``models`` with ``policy`` loaded beside its reference (``model``, the name that reference
+    was loaded from: a LoRA adapter goes on its weights); the reference is shared, not reloaded."""
+    from bonbench.backends.transformers import eos_ids, load_causal_lm
+    from bonbench.models import resolve_policy
+
+    pol_model, pol_tokenizer = load_causal_lm(resolve_policy(policy), dtype, device,
+                                              adapter_base=resolve_policy(model))
+    if pol_tokenizer.get_vocab() != models.reference.tokenizer.get_vocab():
+        raise ValueError(f"--policy {policy} and --model {model} have different vocabularies: "
+                         "log π − log π_ref needs the same tokens under both")
+    return Models(models.reference, LoadedLM(pol_model, pol_tokenizer, eos_ids(pol_model, pol_tokenizer)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,3 +304,31 @@ def sample_missing(todo: Sequence[dict], batch_prompts: int, desc: str, sample_b
             tokens += int(frame["num_tokens"].sum())
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+
+
+def draw_missing(cfg: SamplingOptions, store: SampleStore, pool: int, pool_todo: Sequence[dict],
+                 policy_todo: Sequence[tuple[dict, Sequence[dict]]] = ()) -> None:
+    """Draw what ``store`` lacks: the reference pools (``cfg.k`` references and ``pool``
+    candidates) of the prompts in ``pool_todo``, then, one policy at a time, the samples of each
+    ``(entry, prompts)`` of ``policy_todo`` (``entry``: the policy's ``run.json`` entry). The
+    reference and the reward load once; each policy loads when its turn comes and is freed after."""
+    pending = [(entry, todo) for entry, todo in policy_todo if todo]
+    if not pool_todo and not pending:
+        return
+    reference = load_models(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    reward = build_reward(cfg)
+    if pool_todo:
+        sample_missing(
+            pool_todo, cfg.batch_prompts, "reference pool",
+            lambda batch: sample_pool(reference, reward, batch, k=cfg.k, pool=pool, max_tokens=cfg.max_tokens,
+                                      temperature=cfg.temperature, seed=cfg.seed),
+            store.write)
+    for entry, todo in pending:
+        models = load_policy(reference, cfg.model, entry["path"], dtype=cfg.dtype, device=cfg.device)
+        slug, method = entry["slug"], store.policy_method(entry["slug"])
+        sample_missing(
+            todo, cfg.batch_prompts, f"policy {slug}",
+            lambda batch: sample_policy(models, reward, batch, slug=slug, samples=entry["policy_samples"],
+                                        max_tokens=cfg.max_tokens, seed=cfg.seed, logprob_batch=cfg.logprob_batch),
+            lambda frame, index: store.write(frame, index, method))
+        del models

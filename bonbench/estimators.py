@@ -24,6 +24,7 @@ import numpy as np
 from bonbench import bon
 
 __all__ = [
+    "bon_groups",
     "bon_pairs",
     "bon_prompt_rows",
     "duplicate_rate",
@@ -64,9 +65,20 @@ def bon_pairs(candidate_rewards, reference_rewards, n: int) -> Pairs:
         candidates are cut into groups of n in draw order and the best of group g faces reference g.
     """
     cand, ref = np.asarray(candidate_rewards, float), np.asarray(reference_rewards, float)
-    groups = min(len(cand) // n, len(ref))
-    best = cand[: groups * n].reshape(groups, n).max(axis=1)
-    return best, ref[:groups]
+    groups = bon_groups(len(cand), len(ref), n)
+    return cand[groups].max(axis=1), ref[: len(groups)]
+
+
+def bon_groups(candidates: int, references: int, n: int) -> np.ndarray:
+    """The disjoint Best-of-n draws of one prompt's pool, as candidate positions.
+
+    Returns:
+        shape ``(G, n)``, ``G = min(⌊candidates/n⌋, references)``: row g holds the positions (in
+        draw order) of the n candidates whose best is Best-of-n's g-th answer, compared with
+        reference g. Candidates past the last whole group are not used.
+    """
+    groups = min(candidates // n, references)
+    return np.arange(groups * n).reshape(groups, n)
 
 
 def duplicate_rate(texts: Sequence[str]) -> float:

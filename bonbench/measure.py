@@ -94,168 +94,52 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bonbench.collect import SamplingOptions
 from bonbench.config import field, parse_config
 from bonbench.models import ModelNotFound
-from bonbench.rewards import REWARD_HELP
-from bonbench.samplestore import SampleStore
+from bonbench.samplestore import SampleStore, pool_settings
 
 log = logging.getLogger("bonbench.measure")
 
-# Settings that define the reference pool: they must not change between a run and its resumption.
-# The policy settings (--policy, --policy-samples) are not among them: policies come and go.
-_RESUME_KEYS = ("model", "reward_model", "judge_model", "task", "split", "k", "pool", "max_tokens", "temperature",
-                "seed", "dtype")
-
 
 @dataclass
-class MeasureConfig:
-    model: str = field("default", "the reference policy: 'default' (embedded SmolLM2-135M-Instruct), "
-                                  "a Hugging Face id or a folder")
+class MeasureConfig(SamplingOptions):
+    """``bonbench.collect.SamplingOptions`` (model, reward, task, pool and sampling) and these."""
+
     policy: str = field("", "a policy to compare with Best-of-N: a model folder, or a PEFT LoRA adapter "
                             "folder (adapter_config.json) applied to --model")
-    reward_model: str = field("default", REWARD_HELP)
-    judge_model: str = field("", "the judge's model name on its server, for --reward-model judge")
-    judge_base_url: str = field("", "OpenAI-compatible base URL of the judge (default: OpenAI's)")
-    judge_api_key_env: str = field("", "name of the environment variable that holds the judge's API key "
-                                       "(e.g. OPENAI_API_KEY; the key itself is never written to run.json)")
-    task: str = field("default", "prompt set: 'default' (shipped news passages), 'xsum', or a dataset "
-                                 "with XSum's columns")
-    split: str = field("test", "split of the task")
-    limit: int = field(0, "number of prompts, the first of the split (0: all)")
-    ns: list[int] = field([1, 2, 4, 8, 16], "the N values of Best-of-N")
-    k: int = field(16, "reference samples per prompt: the reward distribution quantiles are taken against")
-    pool: int = field(0, "candidate samples per prompt that Best-of-N selects from (0: the largest N)")
-    policy_samples: int = field(4, "samples per prompt from --policy")
-    max_tokens: int = field(48, "most tokens per answer")
-    temperature: float = field(1.0, "sampling temperature of the reference (the policy samples at 1)")
-    batch_prompts: int = field(2, "prompts per sampling batch (each brings k + pool rows)")
-    logprob_batch: int = field(16, "answers per teacher-forced forward pass (policy KL)")
-    seed: int = field(0, "random seed; each prompt's samples depend only on it and the prompt's index")
     out: str = field("", "output folder (default: runs/measure/<timestamp>); an existing one is resumed")
-    dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16")
-    device: str = field("cpu", "cpu or cuda[:i]")
-    threads: int = field(0, "torch CPU threads (0: torch's default)")
 
     def __post_init__(self) -> None:
-        if not self.ns or any(n < 1 for n in self.ns):
-            raise ValueError(f"--ns needs positive integers, got {self.ns}")
-        self.ns = sorted(set(int(n) for n in self.ns))
-        if self.k < 1:
-            raise ValueError(f"--k must be >= 1 (quantiles need reference samples), got {self.k}")
-        if self.pool < 0 or (self.pool and self.pool < max(self.ns)):
-            raise ValueError(f"--pool {self.pool} cannot hold a Best-of-{max(self.ns)}; use 0 (auto) "
-                             f"or at least {max(self.ns)}")
-        if self.limit < 0:
-            raise ValueError(f"--limit must be >= 0 (0: all prompts), got {self.limit}")
-        if self.policy_samples < 1:
-            raise ValueError(f"--policy-samples must be >= 1, got {self.policy_samples}")
-        if self.max_tokens < 1 or self.batch_prompts < 1 or self.logprob_batch < 1:
-            raise ValueError("--max-tokens, --batch-prompts and --logprob-batch must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError("--temperature must be > 0: Best-of-N needs distinct random samples")
-        if self.policy and self.temperature != 1.0:
-            raise ValueError("--policy needs --temperature 1: the policy's KL, win rate and quantiles are "
-                             "measured against the reference distribution itself")
-        judging = self.reward_model == "judge"
-        if judging and not self.judge_model:
-            raise ValueError("--reward-model judge needs --judge-model, the judge's model name on its server")
-        if not judging and (self.judge_model or self.judge_base_url or self.judge_api_key_env):
-            raise ValueError("--judge-model, --judge-base-url and --judge-api-key-env are read only with "
-                             "--reward-model judge")
+        super().__post_init__()
+        self.check_policy_temperature(bool(self.policy))
 
 
 # ---------------------------------------------------------------------------------------
-# Checks before any model work
 
 
 def check_inputs(cfg: MeasureConfig) -> None:
-    """What can be wrong before any model loads: a model that is neither a folder nor a hub id
-    (``ModelNotFound``), a judge key variable that is not set (``ValueError``)."""
-    from bonbench.collect import check_model_source
+    """What can be wrong before any model loads (``bonbench.collect.check_sources``)."""
+    from bonbench.collect import check_sources
 
-    check_model_source("--model", cfg.model)
-    if cfg.policy:
-        check_model_source("--policy", cfg.policy)
-    if cfg.judge_api_key_env and cfg.judge_api_key_env not in os.environ:
-        raise ValueError(f"--judge-api-key-env {cfg.judge_api_key_env}: no such environment variable is set")
-
-
-def build_reward(cfg: MeasureConfig):
-    """The reward ``cfg`` names (a judge with its model, URL and key); never None."""
-    from bonbench.rewards import load_reward
-
-    key = os.environ[cfg.judge_api_key_env] if cfg.judge_api_key_env else None
-    reward = load_reward(cfg.reward_model, device=cfg.device, judge_model=cfg.judge_model or None,
-                  judge_base_url=cfg.judge_base_url or None, judge_api_key=key)
-    if reward is None:
-        raise ValueError("measure needs a reward model; --reward-model none has none")
-    return reward
-
-
-# ---------------------------------------------------------------------------------------
-# Resumption
-
-
-def _settings(cfg: MeasureConfig, pool: int) -> dict:
-    values = dataclasses.asdict(cfg) | {"pool": pool}
-    return {key: values[key] for key in _RESUME_KEYS}
-
-
-def _resolve_pool(cfg: MeasureConfig, store: SampleStore) -> int:
-    """``--pool``, else the pool of the run being resumed, else the largest N."""
-    saved = store.read_run()
-    if cfg.pool:
-        return cfg.pool
-    if saved is not None:
-        pool = saved["settings"]["pool"]
-        if pool < max(cfg.ns):
-            raise ValueError(f"{store.root} holds {pool} candidates per prompt, too few for Best-of-{max(cfg.ns)}")
-        return pool
-    return max(cfg.ns)
+    check_sources(cfg, [cfg.policy] if cfg.policy else [])
 
 
 def _open_store(cfg: MeasureConfig, out: Path) -> tuple[SampleStore, int, dict | None]:
     """The run folder, its pool size and ``cfg.policy``'s entry (None without one), after checking
     that the pool settings match those of the run being resumed (or starting ``run.json``)."""
     store = SampleStore(out)
-    pool = _resolve_pool(cfg, store)
-    defaults = _settings(MeasureConfig(), pool)
+    pool = store.pool_size(cfg.pool, max(cfg.ns))
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("policy", "policy_samples")}
-    store.check_settings(_settings(cfg, pool), defaults, config)
+    store.check_settings(pool_settings(dataclasses.asdict(cfg), pool),
+                         pool_settings(dataclasses.asdict(MeasureConfig()), pool), config)
     policy = store.register_policy(cfg.policy, cfg.policy_samples) if cfg.policy else None
     return store, pool, policy
-
-
-# ---------------------------------------------------------------------------------------
-
-
-def _sample(cfg: MeasureConfig, store: SampleStore, pool: int, policy: dict | None, pool_todo: list[dict],
-            policy_todo: list[dict]) -> None:
-    """Draw the missing reference pools and policy samples into ``store``."""
-    from bonbench import collect
-
-    models = collect.load_models(cfg.model, cfg.policy if policy_todo else "", dtype=cfg.dtype, device=cfg.device)
-    reward = build_reward(cfg)
-    if pool_todo:
-        collect.sample_missing(
-            pool_todo, cfg.batch_prompts, "reference pool",
-            lambda batch: collect.sample_pool(models, reward, batch, k=cfg.k, pool=pool, max_tokens=cfg.max_tokens,
-                                              temperature=cfg.temperature, seed=cfg.seed),
-            store.write)
-    if policy_todo:
-        slug, method = policy["slug"], store.policy_method(policy["slug"])
-        collect.sample_missing(
-            policy_todo, cfg.batch_prompts, f"policy {slug}",
-            lambda batch: collect.sample_policy(models, reward, batch, slug=slug, samples=cfg.policy_samples,
-                                                max_tokens=cfg.max_tokens, seed=cfg.seed,
-                                                logprob_batch=cfg.logprob_batch),
-            lambda frame, index: store.write(frame, index, method))
 
 
 def run(cfg: MeasureConfig):
@@ -263,6 +147,7 @@ def run(cfg: MeasureConfig):
     import pandas as pd
     import torch
 
+    from bonbench.collect import draw_missing
     from bonbench.estimators import summarize
     from bonbench.tasks import load_task
 
@@ -280,8 +165,7 @@ def run(cfg: MeasureConfig):
     if policy:
         log.info("policy %s (%s): %d prompts measured, %d to sample", policy["slug"], cfg.policy,
                  len(items) - len(policy_todo), len(policy_todo))
-    if pool_todo or policy_todo:
-        _sample(cfg, store, pool, policy, pool_todo, policy_todo)
+    draw_missing(cfg, store, pool, pool_todo, [(policy, policy_todo)] if policy else [])
 
     policies = store.policies()
     samples = store.load_samples(items, policies)

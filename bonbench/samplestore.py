@@ -26,7 +26,13 @@ from bonbench.tables import to_markdown, write_tables
 SAMPLE_COLUMNS = ["prompt_index", "prompt_id", "role", "policy", "sample_index", "text", "num_tokens",
                   "finish_reason", "logprob", "ref_logprob", "sample_seconds", "reward", "reward_seconds", "created"]
 
-__all__ = ["SAMPLE_COLUMNS", "SampleStore", "policy_slug", "to_markdown", "write_atomic"]
+# The options a stored reference pool depends on: they must not change between a run and its
+# resumption. Policies (and what is computed from the samples, such as the Ns) come and go.
+POOL_SETTINGS = ("model", "reward_model", "judge_model", "task", "split", "k", "pool", "max_tokens", "temperature",
+                 "seed", "dtype")
+
+__all__ = ["POOL_SETTINGS", "SAMPLE_COLUMNS", "SampleStore", "pool_settings", "policy_slug", "to_markdown",
+           "write_atomic"]
 
 
 def write_atomic(frame, path: Path) -> None:
@@ -43,6 +49,13 @@ def policy_slug(path: str) -> str:
     parts = [part for part in Path(path).parts if part not in ("/", ".", "..")]
     slug = re.sub(r"[^A-Za-z0-9._]+", "-", "-".join(parts[-2:])).strip("-.")
     return slug or "policy"
+
+
+def pool_settings(options: dict[str, Any], pool: int) -> dict[str, Any]:
+    """The ``POOL_SETTINGS`` of a command's ``options`` (its config as a dict), with the pool size
+    it resolved to."""
+    values = options | {"pool": pool}
+    return {key: values[key] for key in POOL_SETTINGS}
 
 
 def _policy_key(path: str) -> str:
@@ -95,14 +108,34 @@ class SampleStore:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
         tmp.replace(self.root / "run.json")
 
-    def check_settings(self, settings: dict[str, Any], defaults: dict[str, Any], config: dict[str, Any]) -> None:
+    def pool_size(self, requested: int, largest_n: int) -> int:
+        """Candidates per prompt: ``requested`` if given (> 0), else the pool of the run being
+        resumed, else ``largest_n``. A stored pool too small for Best-of-``largest_n`` is an error."""
+        saved = self.read_run()
+        if requested:
+            return requested
+        if saved is not None:
+            pool = saved["settings"]["pool"]
+            if pool < largest_n:
+                raise ValueError(f"{self.root} holds {pool} candidates per prompt, too few for Best-of-{largest_n}")
+            return pool
+        return largest_n
+
+    def check_settings(self, settings: dict[str, Any], defaults: dict[str, Any], config: dict[str, Any],
+                       kind: str | None = None) -> None:
         """Start ``run.json`` with ``settings`` (what the stored samples depend on) and ``config``,
         or, if it exists, refuse settings other than the stored ones. A setting the stored run
-        does not record (added to the command later) is compared with its default in ``defaults``."""
+        does not record (added to the command later) is compared with its default in ``defaults``.
+        ``kind`` names the command that owns the folder (``run.json``'s ``kind``; none for
+        ``bonbench measure``): a folder of another command is refused."""
         saved = self.read_run()
         if saved is None:
-            self.write_run({"settings": settings, "config": config, "policies": []})
+            self.write_run(({"kind": kind} if kind else {}) | {"settings": settings, "config": config, "policies": []})
             return
+        if saved.get("kind") != kind:
+            owner = saved.get("kind") or "bonbench measure"
+            raise ValueError(f"{self.root} holds a run of {owner}, not of {kind or 'bonbench measure'}; "
+                             "use a new --out")
         before = saved["settings"]
         changed = {k: (before.get(k, defaults.get(k)), v) for k, v in settings.items()
                    if before.get(k, defaults.get(k)) != v}

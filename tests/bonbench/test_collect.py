@@ -25,8 +25,16 @@ def test_names_that_can_be_hub_ids_pass(name):
     check_model_source("--policy", name)
 
 
-def test_an_existing_folder_passes_and_a_missing_path_is_refused_in_one_sentence(tmp_path):
-    check_model_source("--policy", str(tmp_path))
+def test_a_model_folder_passes_and_a_missing_path_or_a_folder_without_a_model_is_refused(tmp_path):
+    with pytest.raises(ModelNotFound) as error:
+        check_model_source("--policy", str(tmp_path))
+    assert str(error.value) == (f"--policy {tmp_path}: the folder holds no model (neither config.json nor a LoRA "
+                                "adapter's adapter_config.json)")
+    for marker in ("config.json", "adapter_config.json"):
+        folder = tmp_path / marker.split(".")[0]
+        folder.mkdir()
+        (folder / marker).write_text("{}")
+        check_model_source("--policy", str(folder))
     for missing in (str(tmp_path / "no" / "such"), "runs/jbond/policy", "./policy"):
         with pytest.raises(ModelNotFound) as error:
             check_model_source("--policy", missing)
