@@ -37,6 +37,15 @@ class ReportConfig:
     runs: str = field("runs", "with no --from: where to look for distilled policies (runs/*/policy) and where "
                               "the default comparison writes (runs/evals/)")
     title: str = field("Best-of-N against distilled policies", "the report's title")
+    # -- the default comparison (no --from) --------------------------------------------------------
+    model: str = field("default", "the reference policy: 'default' (embedded SmolLM2-135M-Instruct), a hub id or "
+                                  "a folder; the policies found under --runs must be of it")
+    reward_model: str = field("default", "the reward that picks Best-of-N's answers and scores every method")
+    limit: int = field(20, "summarisation prompts (evals.xsum --limit)")
+    bench_limit: float = field(40, "documents per benchmark task (evals.benchmarks --limit)")
+    judge_base_url: str = field("", "an OpenAI-compatible judge for the side-by-sides (default: the embedded "
+                                    "model on loopback, a weak judge)")
+    judge_model: str = field("", "the judge's model name at --judge-base-url")
 
     def __post_init__(self) -> None:
         if Path(self.name).name != self.name or not self.name:
@@ -164,6 +173,47 @@ def judge_section(runs: Runs) -> Section | None:
         [("", frame[[c for c in columns if c in frame]])])
 
 
+# -- the default comparison ----------------------------------------------------------------------
+
+
+def find_policies(runs: Path) -> list[Path]:
+    """Every ``distill`` output under ``runs``: ``runs/<run>/policy`` holding a model or a LoRA adapter."""
+    return sorted(p for p in runs.glob("*/policy")
+                  if (p / "adapter_config.json").exists() or (p / "config.json").exists())
+
+
+def default_comparison(cfg: ReportConfig) -> list[Path]:
+    """Run the default comparison (each step resumes from its folder); return the folders to report."""
+    import pandas as pd
+
+    from evals import benchmarks, judge, xsum
+
+    runs = Path(cfg.runs)
+    policies = find_policies(runs)
+    out = runs / "evals"
+    log.info("default comparison in %s/ with %d polic%s: %s", out, len(policies), "y" if len(policies) == 1 else "ies",
+             ", ".join(map(str, policies)) or "none (train one with python -m distill.jbond)")
+    xsum_dir = out / "xsum"
+    xsum.run(xsum.XsumConfig(model=cfg.model, reward_model=cfg.reward_model, limit=cfg.limit,
+                             policy=[str(p) for p in policies], out=str(xsum_dir)))
+    answers = str(xsum_dir / "answers.parquet")
+    pairs = [("BoN-4", "reference")]  # the judge's own check: Best-of-4 should beat one sample
+    summary = pd.read_parquet(xsum_dir / "summary.parquet")
+    pairs += [(m, "reference") for m in summary.loc[summary["kind"] == "policy", "method"]]
+    judge_dirs = []
+    for a, b in pairs:
+        folder = out / "judge" / f"{a.replace(':', '-')}-vs-{b}"
+        judge.run(judge.JudgeConfig(a=answers, a_method=a, b=answers, b_method=b, out=str(folder),
+                                    judge_base_url=cfg.judge_base_url, judge_model=cfg.judge_model))
+        judge_dirs.append(folder)
+    bench_dir = out / "benchmarks"
+    benchmarks.run(benchmarks.BenchmarkConfig(model=cfg.model, reward_model=cfg.reward_model, bon_n=[1, 4],
+                                              policies=[str(p) for p in policies], limit=cfg.bench_limit,
+                                              out=str(bench_dir)))
+    distill_runs = [p.parent for p in policies if (p.parent / "metrics.jsonl").exists()]
+    return [xsum_dir, *judge_dirs, bench_dir, *distill_runs]
+
+
 def build(cfg: ReportConfig, folders: list[Path]) -> tuple[Path, Path]:
     """Build the report from run folders; return the paths of report.md and report.html."""
     runs = load_runs(folders)
@@ -188,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_config(ReportConfig, argv, prog="python -m evals.report",
                        description="Best-of-N against distilled policies: one report with tables and plots.")
-    build(cfg, [Path(f) for f in cfg.from_runs])
+    folders = [Path(f) for f in cfg.from_runs] or default_comparison(cfg)
+    build(cfg, folders)
 
 
 if __name__ == "__main__":
