@@ -12,6 +12,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from bonbench.cli import LOG_LEVELS, setup_logging
 from bonbench.config import field, parse_config
 from bonbench.rewards import REWARD_HELP
 
@@ -45,7 +46,7 @@ class ServeConfig:
     dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16")
     threads: int = field(0, "torch CPU threads (0: torch's default)")
     gpu_memory_utilization: float = field(0.9, "vllm backend: share of GPU memory for the engine")
-    log_level: str = field("info", "debug, info, warning or error")
+    log_level: str = field("info", f"{', '.join(LOG_LEVELS)}; debug also shows the traceback of a bad option")
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -61,7 +62,8 @@ class ServeConfig:
 
 
 def build_service(cfg: ServeConfig):
-    """Backend + reward + service, as the config says."""
+    """Backend + reward + service, as the config says. The policy is located and the reward built
+    before the policy's weights load, so a bad --model or --reward-model fails at once."""
     from bonbench.models import resolve_policy, served_name
     from bonbench.rewards import load_reward
     from bonbench.server.service import BestOfNService, Limits
@@ -70,13 +72,15 @@ def build_service(cfg: ServeConfig):
         import torch
 
         torch.set_num_threads(cfg.threads)
+    path = None if cfg.upstream else resolve_policy(cfg.model)
+    reward = load_reward(cfg.reward_model, device=cfg.device, judge_model=cfg.judge_model or None,
+                         judge_base_url=cfg.judge_base_url or None, judge_api_key=cfg.judge_api_key or None)
     if cfg.upstream:
         from bonbench.backends.openai_upstream import OpenAIUpstreamBackend
 
         backend = OpenAIUpstreamBackend(cfg.upstream, cfg.upstream_model or None, cfg.upstream_api_key or None)
         name = cfg.served_model_name or asyncio.run(backend.resolve_model())
     else:
-        path = resolve_policy(cfg.model)
         name = cfg.served_model_name or served_name(cfg.model)
         if cfg.backend == "vllm":
             from bonbench.backends.vllm import VLLMBackend
@@ -87,8 +91,6 @@ def build_service(cfg: ServeConfig):
 
             backend = TransformersBackend.from_pretrained(path, name, dtype=cfg.dtype, device=cfg.device,
                                                           max_batch_rows=cfg.max_batch_rows)
-    reward = load_reward(cfg.reward_model, device=cfg.device, judge_model=cfg.judge_model or None,
-                         judge_base_url=cfg.judge_base_url or None, judge_api_key=cfg.judge_api_key or None)
     limits = Limits(default_best_of=cfg.n, max_best_of=cfg.max_best_of, default_max_tokens=cfg.default_max_tokens,
                     max_tokens=cfg.max_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
                     max_in_flight=cfg.max_in_flight)
@@ -96,8 +98,9 @@ def build_service(cfg: ServeConfig):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command; ``python -m bonbench serve`` runs it under ``bonbench.cli.run_command``."""
     cfg = parse_config(ServeConfig, argv, prog="python -m bonbench serve", description=__doc__.split("\n\n")[0])
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(cfg.log_level)
     import uvicorn
 
     from bonbench.server.app import build_app
