@@ -62,8 +62,7 @@ class ServeConfig:
 
 
 def build_service(cfg: ServeConfig):
-    """Backend + reward + service, as the config says. The policy is located and the reward built
-    before the policy's weights load, so a bad --model or --reward-model fails at once."""
+    """Backend + reward + service, as the config says."""
     from bonbench.models import resolve_policy, served_name
     from bonbench.rewards import load_reward
     from bonbench.server.service import BestOfNService, Limits
@@ -72,15 +71,13 @@ def build_service(cfg: ServeConfig):
         import torch
 
         torch.set_num_threads(cfg.threads)
-    path = None if cfg.upstream else resolve_policy(cfg.model)
-    reward = load_reward(cfg.reward_model, device=cfg.device, judge_model=cfg.judge_model or None,
-                         judge_base_url=cfg.judge_base_url or None, judge_api_key=cfg.judge_api_key or None)
     if cfg.upstream:
         from bonbench.backends.openai_upstream import OpenAIUpstreamBackend
 
         backend = OpenAIUpstreamBackend(cfg.upstream, cfg.upstream_model or None, cfg.upstream_api_key or None)
         name = cfg.served_model_name or asyncio.run(backend.resolve_model())
     else:
+        path = resolve_policy(cfg.model)
         name = cfg.served_model_name or served_name(cfg.model)
         if cfg.backend == "vllm":
             from bonbench.backends.vllm import VLLMBackend
@@ -91,6 +88,9 @@ def build_service(cfg: ServeConfig):
 
             backend = TransformersBackend.from_pretrained(path, name, dtype=cfg.dtype, device=cfg.device,
                                                           max_batch_rows=cfg.max_batch_rows)
+    # After the backend: vLLM claims its share of GPU memory before a reward model takes any.
+    reward = load_reward(cfg.reward_model, device=cfg.device, judge_model=cfg.judge_model or None,
+                         judge_base_url=cfg.judge_base_url or None, judge_api_key=cfg.judge_api_key or None)
     limits = Limits(default_best_of=cfg.n, max_best_of=cfg.max_best_of, default_max_tokens=cfg.default_max_tokens,
                     max_tokens=cfg.max_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
                     max_in_flight=cfg.max_in_flight)
