@@ -70,7 +70,7 @@ class SequenceClassifierReward:
         room = self.max_length - len(head)
         if len(ids) - first > room:
             raise RewardError(f"reward model {self.name!r} reads at most {self.max_length} tokens, and the answer "
-                              f"alone takes {len(ids) - first}: lower max_tokens")
+                              f"with the chat template's closing tokens takes {len(ids) - first}: lower max_tokens")
         return head + ids[len(ids) - room:]
 
     @torch.inference_mode()

@@ -85,7 +85,8 @@ def test_scores_do_not_depend_on_the_batch_a_pair_is_padded_in(reward):
 
 
 def test_an_answer_longer_than_the_classifier_reads_is_a_reward_error(reward):
-    with pytest.raises(RewardError, match=f"reads at most {MAX_LENGTH} tokens, and the answer alone takes"):
+    words = f"reads at most {MAX_LENGTH} tokens, and the answer with the chat template's closing tokens takes"
+    with pytest.raises(RewardError, match=words):
         reward.encode("Hi.", "word " * MAX_LENGTH)
 
 
