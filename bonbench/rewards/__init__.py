@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from bonbench.errors import UserError
 from bonbench.rewards.base import RewardError, RewardModel, checked_scores
 
 _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -17,7 +18,8 @@ REWARD_HELP = (
 
 def load_reward(spec: str, *, device: str = "cpu", judge_model: str | None = None,
                 judge_base_url: str | None = None, judge_api_key: str | None = None) -> RewardModel | None:
-    """Build the reward model a spec names (see ``REWARD_HELP``); ``None`` for 'none'."""
+    """Build the reward model a spec names (see ``REWARD_HELP``); ``None`` for 'none'. A spec that names
+    nothing usable (no such module, function or model) is a ``UserError``."""
     if spec == "none":
         return None
     if spec == "default":
@@ -26,7 +28,7 @@ def load_reward(spec: str, *, device: str = "cpu", judge_model: str | None = Non
         return EmbeddingReward(device=device)
     if spec == "judge":
         if not judge_model:
-            raise ValueError("--reward-model judge needs --judge-model")
+            raise UserError("--reward-model judge needs --judge-model (the judge's model name).")
         from bonbench.rewards.judge import JudgeReward
 
         return JudgeReward(judge_model, base_url=judge_base_url, api_key=judge_api_key)

@@ -15,24 +15,35 @@ import importlib
 from typing import Callable, Sequence
 
 from bonbench.backends.base import Prompt
+from bonbench.errors import UserError
 
 
 class FunctionReward:
     def __init__(self, spec: str):
         module_name, _, attr = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ValueError(f"cannot import {module_name!r} for reward {spec!r}: {exc}") from exc
-        fn = module
+        fn = _import_module(module_name, spec)
         for part in attr.split("."):
             fn = getattr(fn, part, None)
             if fn is None:
-                raise ValueError(f"{module_name!r} has no attribute {attr!r} (reward {spec!r})")
+                raise UserError(f"reward {spec!r}: the module {module_name!r} has no attribute {attr!r}.")
         if not callable(fn):
-            raise ValueError(f"reward {spec!r} is not callable")
+            raise UserError(f"reward {spec!r}: {attr!r} is not callable (it is a {type(fn).__name__}).")
         self.name = spec
         self._fn: Callable[[Sequence[Prompt], Sequence[str]], Sequence[float]] = fn
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         return list(self._fn(prompts, responses))
+
+
+def _import_module(module_name: str, spec: str):
+    """The user's module; failing to import it is a ``UserError`` that keeps the cause for debugging."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):  # it, or its package
+            raise UserError(f"reward {spec!r}: there is no module {module_name!r} to import; run from the folder "
+                            "that holds it, add that folder to PYTHONPATH, or pip install it.") from exc
+        raise UserError(f"reward {spec!r}: importing {module_name!r} failed: {exc}.") from exc
+    except Exception as exc:  # the user's module raised while importing: report it, keep the traceback
+        raise UserError(f"reward {spec!r}: importing {module_name!r} raised {type(exc).__name__}: {exc} "
+                        "(--log-level debug shows the traceback).") from exc

@@ -1,15 +1,16 @@
 """Request and response models of the OpenAI-compatible API.
 
-OpenAI's fields come first, in OpenAI's order; the Best-of-N extensions sit in one marked block
-at the end of each model. Unknown fields are ignored, as OpenAI's own server does, so clients
-that send newer fields keep working.
+OpenAI's fields come first, in OpenAI's order (a request's as the openai client's ``create()``
+lists them, a response's as OpenAI's server writes them); the Best-of-N extensions sit in one
+marked block at the end of each model. Unknown fields are ignored, as OpenAI's own server does,
+so clients that send newer fields keep working.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -40,22 +41,20 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class _SamplingFields(BaseModel):
-    """Fields shared by both endpoints."""
+# Constraints shared by both endpoints, stated once.
+N = Annotated[int, Field(ge=1)]
+Temperature = Annotated[float, Field(ge=0, le=2)]
+TopP = Annotated[float, Field(gt=0, le=1)]
+Stop = Optional[Union[str, list[str]]]
+TokenBudget = Annotated[Optional[int], Field(ge=1)]
+BestOf = Annotated[Optional[int], Field(ge=1, description="candidates N to draw; the reply keeps the top n")]
+ReturnCandidates = Annotated[bool, Field(description="add every candidate's reward and the chosen indices")]
+
+
+class _Request(BaseModel):
+    """What both request bodies share besides their fields."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str
-    n: int = Field(1, ge=1)
-    seed: Optional[int] = None
-    stop: Optional[Union[str, list[str]]] = None
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    user: Optional[str] = None
-    # --- Best-of-N extensions (top level or in the openai client's extra_body) ---
-    best_of: Optional[int] = Field(None, ge=1, description="candidates N to draw; the reply keeps the top n")
-    return_candidates: bool = Field(False, description="add every candidate's reward and the chosen indices")
 
     @property
     def stop_list(self) -> tuple[str, ...]:
@@ -64,24 +63,52 @@ class _SamplingFields(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_Request):
+    # OpenAI's fields, in the order of the openai client's create(): required ones, then A to Z.
     messages: list[ChatMessage] = Field(min_length=1)
+    model: str
     logprobs: bool = False
+    max_completion_tokens: TokenBudget = None
+    max_tokens: TokenBudget = None
+    n: N = 1
+    seed: Optional[int] = None
+    stop: Stop = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    temperature: Temperature = 1.0
     top_logprobs: Optional[int] = Field(None, ge=0, le=0, description="alternatives are not reported: 0 only")
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
+    top_p: TopP = 1.0
+    user: Optional[str] = None
+    # --- Best-of-N extensions (top level or in the openai client's extra_body) ---
+    best_of: BestOf = None
+    return_candidates: ReturnCandidates = False
 
     @property
     def token_budget(self) -> Optional[int]:
         return self.max_completion_tokens or self.max_tokens
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(_Request):
+    # OpenAI's fields, in the order of the openai client's create(): required ones, then A to Z.
+    model: str
     prompt: Union[str, list[str]]
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=0, description="the sampled tokens' log-probabilities; "
                                     "alternatives are not reported, so 0 only")
-    max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: TokenBudget = None
+    n: N = 1
+    seed: Optional[int] = None
+    stop: Stop = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    user: Optional[str] = None
+    # --- Best-of-N extensions (top level or in the openai client's extra_body) ---
+    # OpenAI's legacy completions ranks its own best_of candidates by log-probability; here the
+    # reward model ranks them.
+    best_of: BestOf = None
+    return_candidates: ReturnCandidates = False
 
     @property
     def token_budget(self) -> Optional[int]:

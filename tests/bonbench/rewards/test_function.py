@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
+from bonbench.errors import UserError
 from bonbench.rewards.base import RewardError, checked_scores
 from bonbench.rewards.function import FunctionReward
 
@@ -57,14 +59,29 @@ def test_function_reward_resolves_dotted_attributes():
 
 
 @pytest.mark.parametrize("spec, words", [
-    ("no_such_module_anywhere:f", "cannot import"),
-    (f"{__name__}:missing", "has no attribute"),
-    (f"{__name__}:Scorers.missing", "has no attribute"),
-    (f"{__name__}:NOT_CALLABLE", "not callable"),
+    ("no_such_module_anywhere:f", "no module 'no_such_module_anywhere' to import"),
+    ("no_such_package_anywhere.rewards:f", "no module 'no_such_package_anywhere.rewards' to import"),
+    (f"{__name__}:missing", "has no attribute 'missing'"),
+    (f"{__name__}:Scorers.missing", "has no attribute 'Scorers.missing'"),
+    (f"{__name__}:NOT_CALLABLE", "not callable (it is a int)"),
 ])
-def test_a_spec_that_names_nothing_callable_is_a_value_error(spec, words):
-    with pytest.raises(ValueError, match=words):
+def test_a_spec_that_names_nothing_callable_is_a_user_error(spec, words):
+    with pytest.raises(UserError, match=re.escape(words)):
         FunctionReward(spec)
+
+
+@pytest.mark.parametrize("source, words", [
+    ("raise RuntimeError('no rubric file')\n", "raised RuntimeError: no rubric file"),
+    ("import no_such_dependency_anywhere\n", "No module named 'no_such_dependency_anywhere'"),
+    ("def broken(:\n", "raised SyntaxError"),
+])
+def test_a_module_that_fails_to_import_is_a_user_error_that_keeps_its_cause(tmp_path, monkeypatch, source, words):
+    (tmp_path / "user_rewards_that_break.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match=re.escape(words)) as info:
+        FunctionReward("user_rewards_that_break:score")
+    assert "user_rewards_that_break" in str(info.value)
+    assert info.value.__cause__ is not None  # --log-level debug shows the user's own traceback
 
 
 @pytest.mark.parametrize("function, words", [

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from bonbench.errors import UserError
 from bonbench.rewards import REWARD_HELP, load_reward
 from bonbench.rewards.base import RewardModel
 
@@ -31,7 +34,7 @@ def test_module_function_spec_is_a_function_reward():
 def test_judge_needs_a_judge_model():
     from bonbench.rewards.judge import JudgeReward
 
-    with pytest.raises(ValueError, match="--judge-model"):
+    with pytest.raises(UserError, match="--judge-model"):
         load_reward("judge")
     judge = load_reward("judge", judge_model="gpt-4o-mini", judge_base_url="http://127.0.0.1:9/v1")
     assert isinstance(judge, JudgeReward) and judge.name == "judge:gpt-4o-mini"
@@ -53,10 +56,11 @@ def test_any_other_spec_is_a_sequence_classifier_folder_that_scores_each_answer(
     assert scores[0] == pytest.approx(scores[2]) and scores[0] != pytest.approx(scores[1])
 
 
-def test_a_missing_reward_model_folder_fails_naming_it(tmp_path):
-    missing = str(tmp_path / "no-such-reward-model")
-    with pytest.raises(OSError, match="no-such-reward-model"):
-        load_reward(missing)
+
+def test_a_missing_reward_model_folder_is_a_user_error_naming_it(tmp_path):
+    missing = tmp_path / "no-such-reward-model"
+    with pytest.raises(UserError, match=re.escape(f"the reward model folder {missing} does not exist")):
+        load_reward(str(missing))
 
 
 def test_help_names_every_kind_of_spec():
