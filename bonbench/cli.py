@@ -18,6 +18,13 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 USAGE_ERROR = 2
 
 
+def log_level_option():
+    """The ``--log-level`` option every command's config declares (``log_level: str = log_level_option()``)."""
+    from bonbench.config import field
+
+    return field("info", f"{', '.join(LOG_LEVELS)}; debug also shows the traceback of a bad option")
+
+
 def setup_logging(level: str) -> None:
     """Root logging for a command, at one of ``LOG_LEVELS``."""
     if level not in LOG_LEVELS:

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from bonbench.cli import log_level_option
 from bonbench.config import field
+from bonbench.errors import UserError
 from bonbench.models import DEFAULT_POLICY, locate_model
 from bonbench.rewards import REWARD_HELP
 from bonbench.samplestore import SAMPLE_COLUMNS
@@ -60,6 +62,7 @@ class SamplingOptions:
     dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16")
     device: str = field("cpu", "cpu or cuda[:i]")
     threads: int = field(0, "torch CPU threads (0: torch's default)")
+    log_level: str = log_level_option()
 
     def __post_init__(self) -> None:
         if not self.ns or any(n < 1 for n in self.ns):
@@ -109,7 +112,7 @@ def check_sources(cfg: SamplingOptions, policies: Sequence[str] = ()) -> None:
     for policy in policies:
         check_model_source("--policy", policy)
     if cfg.judge_api_key_env and cfg.judge_api_key_env not in os.environ:
-        raise ValueError(f"--judge-api-key-env {cfg.judge_api_key_env}: no such environment variable is set")
+        raise UserError(f"--judge-api-key-env {cfg.judge_api_key_env}: no such environment variable is set")
 
 
 def build_reward(cfg: SamplingOptions):
@@ -120,7 +123,7 @@ def build_reward(cfg: SamplingOptions):
     reward = load_reward(cfg.reward_model, device=cfg.device, judge_model=cfg.judge_model or None,
                          judge_base_url=cfg.judge_base_url or None, judge_api_key=key)
     if reward is None:
-        raise ValueError("scoring samples needs a reward model; --reward-model none has none")
+        raise UserError("scoring samples needs a reward model; --reward-model none has none")
     return reward
 
 
@@ -159,7 +162,7 @@ def load_policy(models: Models, model: str, policy: str, *, dtype: str = "auto",
     pol_model, pol_tokenizer = load_causal_lm(resolve_policy(policy), dtype, device,
                                               adapter_base=resolve_policy(model))
     if pol_tokenizer.get_vocab() != models.reference.tokenizer.get_vocab():
-        raise ValueError(f"--policy {policy} and --model {model} have different vocabularies: "
+        raise UserError(f"--policy {policy} and --model {model} have different vocabularies: "
                          "log π − log π_ref needs the same tokens under both")
     return Models(models.reference, LoadedLM(pol_model, pol_tokenizer, eos_ids(pol_model, pol_tokenizer)))
 
@@ -233,7 +236,7 @@ def sample_policy(models: Models, reward, batch: list[dict], *, slug: str, sampl
     ids = [_encode(ref.tokenizer, p, max_tokens, ref.model) for p in prompts]
     pol_ids = [_encode(pol.tokenizer, p, max_tokens, pol.model) for p in prompts]
     if pol_ids != ids:
-        raise ValueError("the policy's tokenizer encodes the prompts differently from the reference's")
+        raise UserError("the policy's tokenizer encodes the prompts differently from the reference's")
     cands, secs = _draw(pol, ids, batch, n=samples, max_tokens=max_tokens, temperature=1.0, seed=seed,
                         role=POLICY)
     flat = [(pid, c) for pid, prompt_cands in zip(ids, cands) for c in prompt_cands]

@@ -94,14 +94,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bonbench.cli import run_command, setup_logging
 from bonbench.collect import SamplingOptions
 from bonbench.config import field, parse_config
-from bonbench.models import ModelNotFound
 from bonbench.samplestore import SampleStore, pool_settings
 
 log = logging.getLogger("bonbench.measure")
@@ -183,18 +182,13 @@ def run(cfg: MeasureConfig):
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    prog = "python -m bonbench measure"
-    cfg = parse_config(MeasureConfig, argv, prog=prog,
+    cfg = parse_config(MeasureConfig, argv, prog="python -m bonbench measure",
                        description="What Best-of-N buys and costs (and how a policy compares): "
                                    "reward, log quantile, win rate, KL, tokens and time per request.")
-    try:
-        check_inputs(cfg)
-    except (ModelNotFound, ValueError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    setup_logging(cfg.log_level)
+    check_inputs(cfg)
     run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

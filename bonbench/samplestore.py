@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from bonbench.errors import UserError
 from bonbench.tables import to_markdown, write_tables
 
 SAMPLE_COLUMNS = ["prompt_index", "prompt_id", "role", "policy", "sample_index", "text", "num_tokens",
@@ -92,7 +93,7 @@ class SampleStore:
         path = self.file(item["index"], method)
         frame = pd.read_parquet(path)
         if set(frame["prompt_id"]) != {item["id"]}:
-            raise ValueError(f"{path} holds prompt {frame['prompt_id'].iloc[0]!r}, but prompt "
+            raise UserError(f"{path} holds prompt {frame['prompt_id'].iloc[0]!r}, but prompt "
                              f"{item['index']} of the task is {item['id']!r}")
         return frame
 
@@ -117,7 +118,7 @@ class SampleStore:
         if saved is not None:
             pool = saved["settings"]["pool"]
             if pool < largest_n:
-                raise ValueError(f"{self.root} holds {pool} candidates per prompt, too few for Best-of-{largest_n}")
+                raise UserError(f"{self.root} holds {pool} candidates per prompt, too few for Best-of-{largest_n}")
             return pool
         return largest_n
 
@@ -134,14 +135,14 @@ class SampleStore:
             return
         if saved.get("kind") != kind:
             owner = saved.get("kind") or "bonbench measure"
-            raise ValueError(f"{self.root} holds a run of {owner}, not of {kind or 'bonbench measure'}; "
+            raise UserError(f"{self.root} holds a run of {owner}, not of {kind or 'bonbench measure'}; "
                              "use a new --out")
         before = saved["settings"]
         changed = {k: (before.get(k, defaults.get(k)), v) for k, v in settings.items()
                    if before.get(k, defaults.get(k)) != v}
         if changed:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(f"{self.root} holds a run with other settings ({detail}); use a new --out")
+            raise UserError(f"{self.root} holds a run with other settings ({detail}); use a new --out")
 
     # ------------------------------------------------------------------ policies
 
@@ -163,7 +164,7 @@ class SampleStore:
         for entry in policies:
             if entry["resolved"] == key or entry["path"] == path:
                 if entry["policy_samples"] != policy_samples:
-                    raise ValueError(
+                    raise UserError(
                         f"{self.root} holds samples of policy {entry['path']} drawn with --policy-samples "
                         f"{entry['policy_samples']}, not {policy_samples}; use that, or delete "
                         f"{self.folder(self.policy_method(entry['slug']))} and its entry in run.json")

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from bonbench.cli import LOG_LEVELS, setup_logging
+from bonbench.cli import log_level_option, setup_logging
 from bonbench.config import field, parse_config
 from bonbench.rewards import REWARD_HELP
 
@@ -46,7 +46,7 @@ class ServeConfig:
     dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16")
     threads: int = field(0, "torch CPU threads (0: torch's default)")
     gpu_memory_utilization: float = field(0.9, "vllm backend: share of GPU memory for the engine")
-    log_level: str = field("info", f"{', '.join(LOG_LEVELS)}; debug also shows the traceback of a bad option")
+    log_level: str = log_level_option()
 
     def __post_init__(self) -> None:
         if self.n < 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bonbench.backends.base import Message
+from bonbench.errors import UserError
 
 INSTRUCTION = "Summarize the following article in one sentence."
 DATA = Path(__file__).parent / "data" / "news"
@@ -29,7 +30,7 @@ def load_task(name: str = "default", split: str = "test", limit: int | None = No
     if name == "default":
         files = {"train": sorted(str(p) for p in DATA.glob("train-*.jsonl")), "test": [str(DATA / "test.jsonl")]}
         if split not in files:
-            raise ValueError(f"the default task has splits train and test, not {split!r}")
+            raise UserError(f"the default task has splits train and test, not {split!r}")
         ds = datasets.load_dataset("json", data_files={split: files[split]}, split=split)
     elif name == "xsum":
         ds = datasets.load_dataset("EdinburghNLP/xsum", split=split)
@@ -39,7 +40,7 @@ def load_task(name: str = "default", split: str = "test", limit: int | None = No
         ds = datasets.load_dataset(name, split=split)
     missing = {"document", "summary"} - set(ds.column_names)
     if missing:
-        raise ValueError(f"task {name!r} lacks column(s) {sorted(missing)}; it needs XSum's schema")
+        raise UserError(f"task {name!r} lacks column(s) {sorted(missing)}; it needs XSum's schema")
     if "id" not in ds.column_names:
         ds = ds.add_column("id", [str(i) for i in range(len(ds))])
     if limit is not None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bonbench.cli import run_command
 from bonbench.config import field
 from distill.config import TrainConfig
 from distill.loop import Batch, Context, run_recipe
@@ -61,4 +62,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from bonbench import bon
+from bonbench.cli import run_command
 from bonbench.config import field
 from bonbench.seeds import derive_seed
 from distill.config import TrainConfig
@@ -101,4 +102,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

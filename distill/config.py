@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bonbench.cli import log_level_option
 from bonbench.config import field
 
 
@@ -57,6 +58,7 @@ class TrainConfig:
     save_every: int = field(10, "checkpoint every N steps (and at the end)")
     resume: bool = field(True, "continue from the run folder's checkpoint if there is one")
     threads: int = field(0, "torch CPU threads (0: torch's default)")
+    log_level: str = log_level_option()
 
     def __post_init__(self) -> None:
         if self.batch_prompts % self.grad_accum:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from bonbench.backends.base import Candidate, Prompt
+from bonbench.errors import UserError
 from bonbench.rewards.base import RewardModel, checked_scores
 from bonbench.seeds import derive_seed
 from distill.config import TrainConfig
@@ -178,7 +179,7 @@ def _subset(batch: Batch, indices: Sequence[int]) -> Batch:
 MIN_FREE_BYTES = 100 * 2**20  # metrics, a LoRA checkpoint and the saved adapter; full weights need more
 
 
-class RunFolderError(TrainingError):
+class RunFolderError(TrainingError, UserError):
     """The run folder cannot be created, written or filled."""
 
 
@@ -380,14 +381,9 @@ def _train(cfg: TrainConfig, recipe: Recipe, ctx: Context) -> Path:
 
 def run_recipe(config_cls: type, recipe_cls: type, argv: list[str] | None, prog: str, doc: str) -> Path:
     """A recipe's command line: logging, the config from flags and YAML, then ``train``."""
-    import sys
-
+    from bonbench.cli import setup_logging
     from bonbench.config import parse_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_config(config_cls, argv, prog=prog, description=doc.split("\n\n")[0])
-    try:
-        return train(cfg, recipe_cls(cfg))
-    except RunFolderError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    setup_logging(cfg.log_level)
+    return train(cfg, recipe_cls(cfg))

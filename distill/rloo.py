@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bonbench.cli import run_command
 from bonbench.config import field
 from distill.config import TrainConfig
 from distill.loop import Batch, Context, run_recipe
@@ -55,4 +56,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

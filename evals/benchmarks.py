@@ -44,7 +44,9 @@ from functools import cache
 from pathlib import Path
 from typing import Iterator
 
+from bonbench.cli import log_level_option, run_command, setup_logging
 from bonbench.config import field, parse_config
+from bonbench.errors import UserError
 
 log = logging.getLogger("evals.benchmarks")
 
@@ -53,7 +55,7 @@ TABLE = "benchmarks"
 COLUMNS = ["task", "metric", "value", "stderr", "method", "n", "reward", "model", "filter", "docs"]
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError, ValueError):
     """Bad input or an unreachable resource; the message is one sentence that says what to do."""
 
 
@@ -85,6 +87,7 @@ class BenchmarkConfig:
     bootstrap_iters: int = field(1000, "lm-eval's bootstrap draws for standard errors that need them")
     seed: int = field(1234, "lm-eval's random, numpy, torch and few-shot seeds")
     out: str = field("runs/benchmarks", "run folder")
+    log_level: str = log_level_option()
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -161,7 +164,7 @@ def _slug(text: str) -> str:
 
 def policy_method(path: str, reference_path: str) -> Method:
     """The hf method for a policy folder: a merged checkpoint, or a LoRA adapter on the reference."""
-    from bonbench.measure import policy_slug
+    from bonbench.samplestore import policy_slug
 
     name, folder = f"policy-{policy_slug(path)}", Path(path)
     if not folder.exists():
@@ -504,12 +507,9 @@ class _QuietCustomLoaders(logging.Filter):
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(BenchmarkConfig, argv, prog="python -m evals.benchmarks", description=__doc__.split("\n\n")[0])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(cfg.log_level)
     logging.getLogger("lm_eval.api.task").addFilter(_QuietCustomLoaders())
-    try:
-        table = run(cfg)
-    except BenchmarkError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    table = run(cfg)
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_rows", 200):
@@ -518,4 +518,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

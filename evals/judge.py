@@ -45,14 +45,15 @@ import logging
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from bonbench.cli import log_level_option, run_command, setup_logging
 from bonbench.config import field, parse_config
+from bonbench.errors import UserError
 from bonbench.tables import write_tables
 from evals import metrics
 from evals.judge_client import READ_MODES, TEMPLATE, Comparison, JudgeError, JudgeSpec, JudgmentCache, judge_all
@@ -64,7 +65,7 @@ WEAK_JUDGE_NOTE = ("weak judge: the embedded SmolLM2-135M-Instruct, read from it
                    "'B'; a smoke test of the pipeline, not evidence (use --judge-base-url/--judge-model)")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An answer table or judge template that cannot be used; the message says which and why."""
 
 
@@ -102,6 +103,7 @@ class JudgeConfig:
     out: str = field("", "output folder (default: runs/judge/<A>-vs-<B>); a rerun resumes from its cache")
     cache: str = field("", "JSONL file of cached judgments (default: OUT/judgments.jsonl); shareable")
     threads: int = field(0, "embedded judge: torch CPU threads of the server (0: torch's default)")
+    log_level: str = log_level_option()
 
     def __post_init__(self) -> None:
         if not self.a or not self.b:
@@ -362,18 +364,12 @@ def _slug(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from bonbench.server.launch import ServerStartError
-
     cfg = parse_config(JudgeConfig, argv, prog="python -m evals.judge",
                        description="Side-by-side of two methods' answers by an LLM judge, both orders, with "
                                    "win rate and AlpacaEval's length-controlled win rate.")
-    try:
-        run(cfg)
-    except (JudgeError, InputError, ServerStartError) as exc:
-        print(f"evals.judge: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    setup_logging(cfg.log_level)
+    run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

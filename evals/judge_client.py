@@ -43,6 +43,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from bonbench.errors import UserError
+
 log = logging.getLogger("evals.judge")
 
 READ_MODES = ("label", "top-logprobs", "sampled-logprobs")
@@ -68,7 +70,7 @@ _TIE = re.compile(r"^\W*(?:it'?s\s+)?(?:a\s+)?(?:tie|draw)\b", re.IGNORECASE)
 _LETTER = re.compile(r"^\W*(?:(?:[Rr]esponse|[Aa]nswer|[Bb]etter(?: response)?)\s*:?\s*)?\(?([AB])\b")
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError, RuntimeError):
     """The judge failed or refused; the message is one sentence for the user."""
 
 

@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from bonbench.cli import log_level_option, run_command, setup_logging
 from bonbench.config import field, parse_config
 from evals import report_figures as figures
 from evals.report_render import Section, write_report
@@ -46,6 +47,7 @@ class ReportConfig:
     judge_base_url: str = field("", "an OpenAI-compatible judge for the side-by-sides (default: the embedded "
                                     "model on loopback, a weak judge)")
     judge_model: str = field("", "the judge's model name at --judge-base-url")
+    log_level: str = log_level_option()
 
     def __post_init__(self) -> None:
         if Path(self.name).name != self.name or not self.name:
@@ -235,12 +237,12 @@ def build(cfg: ReportConfig, folders: list[Path]) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_config(ReportConfig, argv, prog="python -m evals.report",
                        description="Best-of-N against distilled policies: one report with tables and plots.")
+    setup_logging(cfg.log_level)
     folders = [Path(f) for f in cfg.from_runs] or default_comparison(cfg)
     build(cfg, folders)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bonbench.errors import UserError
+
 METHOD_COLUMNS = ["method", "kind", "n", "prompts", "tokens_per_answer", "seconds_per_answer", "reward", "reward_se",
                   "win_rate", "win_low", "win_high", "kl", "kl_kind"]
 
 
-class NotARunFolder(ValueError):
+class NotARunFolder(UserError, ValueError):
     """A folder given to the report holds none of the tables it reads."""
 
 

@@ -53,16 +53,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from bonbench.cli import run_command, setup_logging
 from bonbench.collect import SamplingOptions
 from bonbench.config import field, parse_config
-from bonbench.models import ModelNotFound
+from bonbench.errors import UserError
 from bonbench.samplestore import SampleStore, pool_settings
 
 log = logging.getLogger("evals.xsum")
@@ -113,7 +113,7 @@ class Plan(NamedTuple):
 
 def prepare(cfg: XsumConfig) -> Plan:
     """Check the models and the task, open (or resume) the run folder and register the policies.
-    Raises ``ModelNotFound`` or ``ValueError`` with one sentence on bad input."""
+    Raises ``UserError`` with one sentence on bad input."""
     from bonbench.collect import check_sources
     from bonbench.tasks import load_task, summary_prompt
 
@@ -121,11 +121,11 @@ def prepare(cfg: XsumConfig) -> Plan:
     try:
         data = load_task(cfg.task, cfg.split, cfg.limit or None)
     except OSError as exc:  # a missing file; the hub unreachable
-        raise ValueError(f"--task {cfg.task}: {exc}") from None
+        raise UserError(f"--task {cfg.task}: {exc}") from None
     items = [{"index": i, "id": str(row["id"]), "document": row["document"], "summary": row["summary"],
               "prompt": summary_prompt(row["document"])[0]["content"]} for i, row in enumerate(data)]
     if not items:
-        raise ValueError(f"--task {cfg.task} has no prompts in split {cfg.split!r}")
+        raise UserError(f"--task {cfg.task} has no prompts in split {cfg.split!r}")
     store = SampleStore(Path(cfg.out))
     pool = store.pool_size(cfg.pool, max(cfg.ns))
     options = dataclasses.asdict(cfg)
@@ -295,17 +295,12 @@ def run(cfg: XsumConfig):
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_config(XsumConfig, argv, prog=PROG,
                        description="Summaries against human references: ROUGE, reward, win rate, KL and cost of "
                                    "the reference, Best-of-N and distilled policies, with a reward-hacking flag.")
-    try:
-        plan = prepare(cfg)
-    except (ModelNotFound, ValueError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    evaluate(cfg, plan)
+    setup_logging(cfg.log_level)
+    evaluate(cfg, prepare(cfg))
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

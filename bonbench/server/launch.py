@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from bonbench.errors import UserError
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -59,7 +61,7 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-chars:]
 
 
-class ServerStartError(RuntimeError):
+class ServerStartError(UserError, RuntimeError):
     """The server exited or was not healthy in time; the message carries its log's tail."""
 
 

@@ -62,7 +62,7 @@ def test_measure_with_a_missing_policy_folder_says_it_does_not_exist(tmp_path, t
     missing = tmp_path / "no-such-policy"
     result = bonbench(tmp_path, "measure", "--model", tiny_model_path, "--policy", str(missing),
                       "--out", str(tmp_path / "run"))
-    assert one_sentence(result).startswith(f"the model folder {missing} does not exist")
+    assert one_sentence(result).startswith(f"the policy folder {missing} does not exist")
 
 
 def test_log_level_debug_keeps_the_traceback(tmp_path, tiny_model_path):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from bonbench.collect import check_model_source, load_models, sample_policy, sample_pool
-from bonbench.models import ModelNotFound
+from bonbench.errors import UserError
 from bonbench.rewards.function import FunctionReward
 
 
@@ -20,25 +20,25 @@ BATCH = [{"index": 3, "id": "x", "document": "The council met on Monday and appr
          {"index": 7, "id": "y", "document": "Heavy rain closed two roads near the river overnight."}]
 
 
-@pytest.mark.parametrize("name", ["default", "Qwen/Qwen2.5-0.5B-Instruct", "gpt2"])
-def test_names_that_can_be_hub_ids_pass(name):
-    check_model_source("--policy", name)
+def test_the_embedded_default_passes_and_an_uncached_hub_id_offline_is_refused_before_loading():
+    check_model_source("--model", "default")
+    with pytest.raises(UserError, match="is not a local folder"):
+        check_model_source("--policy", "Qwen/Qwen2.5-0.5B-Instruct")
 
 
 def test_a_model_folder_passes_and_a_missing_path_or_a_folder_without_a_model_is_refused(tmp_path):
-    with pytest.raises(ModelNotFound) as error:
+    with pytest.raises(UserError) as error:
         check_model_source("--policy", str(tmp_path))
-    assert str(error.value) == (f"--policy {tmp_path}: the folder holds no model (neither config.json nor a LoRA "
-                                "adapter's adapter_config.json)")
+    assert str(error.value).startswith(f"the policy folder {tmp_path} holds no config.json or adapter_config.json")
     for marker in ("config.json", "adapter_config.json"):
         folder = tmp_path / marker.split(".")[0]
         folder.mkdir()
         (folder / marker).write_text("{}")
         check_model_source("--policy", str(folder))
-    for missing in (str(tmp_path / "no" / "such"), "runs/jbond/policy", "./policy"):
-        with pytest.raises(ModelNotFound) as error:
+    for missing in (str(tmp_path / "no" / "such"), "no-such-runs/jbond/policy", "./no-such-policy"):
+        with pytest.raises(UserError) as error:
             check_model_source("--policy", missing)
-        assert str(error.value).startswith(f"--policy {missing}: no such folder")
+        assert str(error.value).startswith(f"the policy folder {missing} does not exist")
 
 
 def test_a_prompts_draws_do_not_depend_on_its_batch(tiny_model_path):

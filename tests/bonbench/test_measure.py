@@ -22,6 +22,8 @@ import pytest
 
 from bonbench import bon, measure
 from bonbench.config import parse_config
+from bonbench.cli import run_command
+from bonbench.errors import UserError
 from bonbench.measure import MeasureConfig, main
 from bonbench.samplestore import policy_slug
 from bonbench.server.launch import child_env
@@ -141,7 +143,7 @@ def test_policies_join_an_existing_pool_without_redrawing_it(tiny_model_path, tm
     theirs = samples[samples["policy"] == slug]
     assert len(theirs) == 2 * 3 and (theirs["logprob"] - theirs["ref_logprob"]).abs().min() > 1e-3
     assert [p["slug"] for p in json.loads((out / "run.json").read_text())["policies"]] == [same, slug]
-    with pytest.raises(ValueError, match="drawn with --policy-samples 3, not 2"):
+    with pytest.raises(UserError, match="drawn with --policy-samples 3, not 2"):
         _run(tiny_model_path, out, "--policy", other, "--policy-samples", "2", limit=2)
 
     # resume with a grown --limit: the new prompt's pool and the policy's samples of it, nothing else
@@ -166,13 +168,13 @@ def test_policies_join_an_existing_pool_without_redrawing_it(tiny_model_path, tm
 def test_resume_refuses_other_settings_and_ns_beyond_the_pool(tiny_model_path, tmp_path):
     out = tmp_path / "run"
     _run(tiny_model_path, out, limit=1)
-    with pytest.raises(ValueError, match=r"other settings \(k: 4 -> 5\)"):
+    with pytest.raises(UserError, match=r"other settings \(k: 4 -> 5\)"):
         main(["--model", tiny_model_path, "--reward-model", HASHED, "--limit", "1", "--ns", "1", "2", "--k", "5",
               "--max-tokens", "6", "--out", str(out)])
-    with pytest.raises(ValueError, match=r"other settings \(max_tokens: 6 -> 7\)"):  # a policy changes no pool
+    with pytest.raises(UserError, match=r"other settings \(max_tokens: 6 -> 7\)"):  # a policy changes no pool
         main(["--model", tiny_model_path, "--reward-model", HASHED, "--limit", "1", "--ns", "1", "2", "--k", "4",
               "--max-tokens", "7", "--policy", tiny_model_path, "--out", str(out)])
-    with pytest.raises(ValueError, match="too few for Best-of-4"):
+    with pytest.raises(UserError, match="too few for Best-of-4"):
         main(["--model", tiny_model_path, "--reward-model", HASHED, "--limit", "1", "--ns", "4", "--k", "4",
               "--max-tokens", "6", "--out", str(out)])
     # fewer Ns on the same pool is fine, and samples nothing new
@@ -268,8 +270,8 @@ def test_a_missing_policy_folder_is_one_sentence_before_any_model_work(tmp_path)
                           timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
-        "python -m bonbench measure: error: --policy /nonexistent/policy: no such folder (give a model folder, "
-        "a LoRA adapter folder or a Hugging Face hub id such as org/name)")
+        "error: the policy folder /nonexistent/policy does not exist: pass an existing folder or a Hugging Face "
+        "id (organisation/name).")
     assert "Traceback" not in done.stderr and not out.exists()
 
 
@@ -321,16 +323,17 @@ def test_judge_reward_reaches_the_named_judge_with_the_key_from_the_environment(
     assert samples["reward"].tolist() == [1 + len(text) % 10 for text in samples["text"]]
     run_json = (out / "run.json").read_text()
     assert json.loads(run_json)["settings"]["judge_model"] == "grader" and "s3cret-key" not in run_json
-    with pytest.raises(ValueError, match=r"other settings \(judge_model: 'grader' -> 'other'\)"):
+    with pytest.raises(UserError, match=r"other settings \(judge_model: 'grader' -> 'other'\)"):
         _run(tiny_model_path, out, "--judge-model", "other", limit=2, reward="judge")
 
 
 def test_an_unset_judge_key_variable_is_one_sentence(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--reward-model", "judge", "--judge-model", "g", "--judge-api-key-env", "NO_SUCH_KEY_VARIABLE"])
+        run_command(main, ["--reward-model", "judge", "--judge-model", "g", "--judge-api-key-env",
+                           "NO_SUCH_KEY_VARIABLE"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == ("python -m bonbench measure: error: --judge-api-key-env "
-                                               "NO_SUCH_KEY_VARIABLE: no such environment variable is set")
+    assert capsys.readouterr().err.strip() == ("error: --judge-api-key-env NO_SUCH_KEY_VARIABLE: no such "
+                                               "environment variable is set")
 
 
 # ---------------------------------------------------------------------------------------

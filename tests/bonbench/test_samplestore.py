@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bonbench.errors import UserError
 from bonbench.samplestore import SAMPLE_COLUMNS, SampleStore, policy_slug, to_markdown
 
 
@@ -38,7 +39,7 @@ def test_samples_are_stored_per_method_and_prompt_and_missing_ones_listed(tmp_pa
 def test_a_file_holding_another_prompt_is_refused(tmp_path):
     store = SampleStore(tmp_path)
     store.write(frame(0, "a"), 0)
-    with pytest.raises(ValueError, match="holds prompt 'a', but prompt 0 of the task is 'z'"):
+    with pytest.raises(UserError, match="holds prompt 'a', but prompt 0 of the task is 'z'"):
         store.read({"index": 0, "id": "z"})
 
 
@@ -62,11 +63,11 @@ def test_run_json_is_started_once_then_guards_the_settings(tmp_path):
     assert json.loads((tmp_path / "run.json").read_text()) == {
         "settings": {"k": 4, "seed": 0}, "config": {"limit": 3}, "policies": []}
     store.check_settings({"k": 4, "seed": 0}, {}, {"limit": 9})  # the same settings resume
-    with pytest.raises(ValueError, match=r"other settings \(k: 4 -> 5\); use a new --out"):
+    with pytest.raises(UserError, match=r"other settings \(k: 4 -> 5\); use a new --out"):
         store.check_settings({"k": 5, "seed": 0}, {}, {})
     # a setting the stored run does not record counts as its default
     store.check_settings({"k": 4, "seed": 0, "judge_model": ""}, {"judge_model": ""}, {})
-    with pytest.raises(ValueError, match=r"judge_model: '' -> 'g'"):
+    with pytest.raises(UserError, match=r"judge_model: '' -> 'g'"):
         store.check_settings({"k": 4, "seed": 0, "judge_model": "g"}, {"judge_model": ""}, {})
 
 
@@ -85,7 +86,7 @@ def test_policies_are_registered_once_under_unique_slugs(tmp_path):
     clash = store.register_policy("x/one/jbond", 2)
     assert clash["slug"] == "one-jbond-2" and clash["resolved"] == "x/one/jbond"
     assert [p["slug"] for p in store.policies()] == ["one-jbond", "org-one-jbond", "one-jbond-2"]
-    with pytest.raises(ValueError, match="drawn with --policy-samples 2, not 3"):
+    with pytest.raises(UserError, match="drawn with --policy-samples 2, not 3"):
         store.register_policy(str(tmp_path / "one" / "jbond"), 3)
 
 

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from bonbench.errors import UserError
 from bonbench.rewards.embedding import source_of
 from bonbench.tasks import INSTRUCTION, load_task, summary_prompt
 
@@ -59,7 +60,7 @@ def test_limit_keeps_the_first_rows_in_order(splits):
 
 
 def test_unknown_split_is_an_error():
-    with pytest.raises(ValueError, match="splits train and test"):
+    with pytest.raises(UserError, match="splits train and test"):
         load_task("default", "validation")
 
 

@@ -22,7 +22,7 @@ def test_an_unwritable_out_ends_the_command_in_one_sentence_before_any_model_loa
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("python -m distill.jbond: error: cannot create the run folder /proc/forbidden")
+    assert last.startswith("error: cannot create the run folder /proc/forbidden")
     assert last.endswith("choose a writable --out")
     assert "no-model" not in run.stderr
 

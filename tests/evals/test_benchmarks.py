@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from bonbench.cli import run_command
 from evals.benchmarks import COLUMNS, BenchmarkConfig, BenchmarkError, main, run
 from evals.tasks import make_data
 from evals.tasks.utils import follows, qa_exact_match
@@ -231,9 +232,11 @@ def test_a_policy_folder_that_is_not_a_model_is_refused(tiny_model_path, tmp_pat
     folder = tmp_path / "runs" / "notes"
     folder.mkdir(parents=True)
     (folder / "README.txt").write_text("not weights")
-    with pytest.raises(SystemExit, match="is not a model: it holds neither config.json"):
-        main(["--tasks", "bonbench_qa", "--model", tiny_model_path, "--policies", str(folder),
-              "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(main, ["--tasks", "bonbench_qa", "--model", tiny_model_path, "--policies", str(folder),
+                           "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "is not a model: it holds neither config.json" in capsys.readouterr().err
     with pytest.raises(BenchmarkError, match="does not exist") as exc:
         run(BenchmarkConfig(tasks=["bonbench_qa"], model=tiny_model_path, policies=[str(tmp_path / "nope")],
                             out=str(tmp_path / "out")))

@@ -17,6 +17,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from bonbench.cli import run_command
 from bonbench.server.launch import REPO, child_env, free_port
 from evals.judge import WEAK_JUDGE_NOTE, InputError, JudgeConfig, main, run
 from evals.judge_client import JudgeError, JudgeSpec, parse_label, preference_from_logprobs
@@ -241,8 +242,8 @@ def test_a_judge_that_is_down_fails_with_one_sentence_and_a_nonzero_exit(tmp_pat
     done = subprocess.run([sys.executable, "-m", "evals.judge", "--a", str(a), "--b", str(b), "--judge-base-url", url,
                            "--judge-model", JUDGE, "--out", str(tmp_path / "run")],
                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1
-    errors = [line for line in done.stderr.splitlines() if line.startswith("evals.judge: error:")]
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and f"cannot reach the judge at {url}" in errors[0], done.stderr
     assert "Traceback" not in done.stderr
 
@@ -294,8 +295,9 @@ def test_bad_answer_tables_fail_with_a_sentence(tmp_path, capsys):
     a, b = write_answers(tmp_path)
     pd.read_parquet(a).drop(columns="answer").to_parquet(tmp_path / "no-answer.parquet")
     with pytest.raises(SystemExit) as exit_info:
-        main(["--a", str(tmp_path / "no-answer.parquet"), "--b", str(b), "--judge-base-url", "http://127.0.0.1:9/v1"])
-    assert exit_info.value.code == 1
+        run_command(main, ["--a", str(tmp_path / "no-answer.parquet"), "--b", str(b), "--judge-base-url",
+                           "http://127.0.0.1:9/v1"])
+    assert exit_info.value.code == 2
     assert "no-answer.parquet has no column answer" in capsys.readouterr().err
     other = pd.read_json(b, lines=True).assign(prompt_id=lambda f: "x" + f["prompt_id"])
     other.to_json(tmp_path / "other.jsonl", orient="records", lines=True)

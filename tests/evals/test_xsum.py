@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from bonbench import bon
+from bonbench.cli import run_command
 from bonbench.samplestore import policy_slug
 from bonbench.server.launch import child_env
 from evals import xsum
@@ -206,9 +207,9 @@ def test_bad_input_is_one_sentence_and_a_non_zero_exit(tiny_model_path, tmp_path
     cases = [
         (["--task", str(no_summary)], f"task '{no_summary}' lacks column(s) ['summary']; it needs XSum's schema"),
         (["--task", str(tmp_path / "missing.jsonl")], f"--task {tmp_path / 'missing.jsonl'}: Unable to find"),
-        (["--policy", str(not_a_model)], f"--policy {not_a_model}: the folder holds no model (neither config.json "
-                                         "nor a LoRA adapter's adapter_config.json)"),
-        (["--policy", str(tmp_path / "no" / "such")], f"--policy {tmp_path / 'no' / 'such'}: no such folder"),
+        (["--policy", str(not_a_model)], f"the policy folder {not_a_model} holds no config.json or "
+                                         "adapter_config.json"),
+        (["--policy", str(tmp_path / "no" / "such")], f"the policy folder {tmp_path / 'no' / 'such'} does not exist"),
     ]
     for extra, message in cases:
         out = tmp_path / "out"
@@ -217,7 +218,7 @@ def test_bad_input_is_one_sentence_and_a_non_zero_exit(tiny_model_path, tmp_path
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 2, done.stderr
         last = done.stderr.strip().splitlines()[-1]
-        assert last.startswith(f"python -m evals.xsum: error: {message}"), last
+        assert last.startswith(f"error: {message}"), last
         assert "Traceback" not in done.stderr and not (out / "samples").exists()
 
 
@@ -226,7 +227,7 @@ def test_a_folder_of_another_command_or_other_settings_is_refused(tiny_model_pat
     out.mkdir()  # what bonbench measure leaves (no "kind")
     (out / "run.json").write_text(json.dumps({"settings": {"k": 16, "pool": 16}, "config": {}, "policies": []}))
     with pytest.raises(SystemExit) as exit_info:
-        xsum.main(["--model", tiny_model_path, "--out", str(out)])
+        run_command(xsum.main, ["--model", tiny_model_path, "--out", str(out)])
     assert exit_info.value.code == 2
     assert f"{out} holds a run of bonbench measure, not of evals.xsum; use a new --out" in capsys.readouterr().err
 
@@ -234,8 +235,8 @@ def test_a_folder_of_another_command_or_other_settings_is_refused(tiny_model_pat
     xsum.main(["--model", tiny_model_path, "--reward-model", HASHED, "--limit", "1", "--ns", "2", "--k", "2",
                "--max-tokens", "4", "--out", str(out)])
     with pytest.raises(SystemExit):
-        xsum.main(["--model", tiny_model_path, "--reward-model", HASHED, "--limit", "1", "--ns", "2", "--k", "3",
-                   "--max-tokens", "4", "--out", str(out)])
+        run_command(xsum.main, ["--model", tiny_model_path, "--reward-model", HASHED, "--limit", "1", "--ns", "2",
+                                "--k", "3", "--max-tokens", "4", "--out", str(out)])
     assert "other settings (k: 2 -> 3)" in capsys.readouterr().err
 
 
