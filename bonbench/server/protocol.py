@@ -7,23 +7,40 @@ that send newer fields keep working.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+log = logging.getLogger(__name__)
 
 
 def _id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-class StreamOptions(BaseModel):
+class _Request(BaseModel):
+    """A part of a request. Fields it does not know are dropped, and logged as ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [str(k) for k in data if k not in cls.model_fields]
+            if unknown:
+                log.warning("%s: ignored unknown fields %s", cls.__name__, ", ".join(sorted(unknown))[:300])
+        return data
+
+
+class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[dict[str, Any]]]
 
@@ -40,10 +57,9 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class _SamplingFields(BaseModel):
+class _SamplingFields(_Request):
     """Fields shared by both endpoints."""
 
-    model_config = ConfigDict(extra="ignore")
     model: str
     n: int = Field(1, ge=1)
     seed: Optional[int] = None
@@ -86,6 +102,19 @@ class CompletionRequest(_SamplingFields):
     @property
     def token_budget(self) -> Optional[int]:
         return self.max_tokens
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str]
+    code: Optional[str]
+
+
+class ErrorResponse(BaseModel):
+    """Every error's body, as OpenAI's API answers it."""
+
+    error: ErrorDetail
 
 
 class Usage(BaseModel):
