@@ -35,7 +35,10 @@ _ERROR_STATUSES = {
     502: "The upstream server failed (--upstream)",
     503: "The server already holds --max-in-flight requests; retry later",
 }
-_STREAM = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+# With stream=true: one server-sent event per chunk, its data a chunk's JSON, the last one "[DONE]".
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string", "description": "a chunk as JSON, or [DONE] at the end"}}}
+_STREAM = {"content": {"text/event-stream": {"schema": _SSE_EVENT}},
            "description": "The reply, or with stream=true its chunks as server-sent events"}
 
 
