@@ -177,7 +177,7 @@ def build_app(service: BestOfNService, api_key: str | None = None) -> FastAPI:
 
 
 def _document_errors_only_as_sent(app: FastAPI) -> None:
-    """Drop FastAPI's 422 from the OpenAPI document: invalid requests are answered 400 (see above)."""
+    """Drop FastAPI's 422 from the OpenAPI document: the server answers invalid requests with a 400."""
     build = app.openapi
 
     def openapi() -> dict:

@@ -59,34 +59,34 @@ def test_a_prompt_longer_in_characters_than_the_context_can_hold_is_refused_unto
     _good_completion(tiny_server)
 
 
-# -- a server with a lower body limit and no reward model ------------------------------------------
+# -- a server with a raised body limit and no reward model -----------------------------------------
 
 
 @pytest.fixture(scope="module")
-def small_body_server(tiny_model_path, server_logs):
+def big_body_server(tiny_model_path, server_logs):
     args = ["--model", tiny_model_path, "--served-model-name", TINY_NAME, "--reward-model", "none", "--n", "1",
-            "--max-body-mb", "2"]
+            "--max-body-mb", "12"]
     with start_server(args, server_logs, model=TINY_NAME) as server:
         yield server
 
 
-def test_max_body_mb_sets_the_limit(small_body_server):
-    reply = small_body_server.post(COMPLETIONS, content=_body_of(2 * MB + 1),
-                                   headers={"content-type": "application/json"})
-    assert_error(reply, 413, "invalid_request_error", code="request_too_large", message_contains="at most 2 MB")
+def test_max_body_mb_sets_the_limit(big_body_server):
+    reply = big_body_server.post(COMPLETIONS, content=_body_of(12 * MB + 1),
+                                 headers={"content-type": "application/json"})
+    assert_error(reply, 413, "invalid_request_error", code="request_too_large", message_contains="at most 12 MB")
     # A body just under the limit, chunked, is read and judged on its content: the prompt is too long.
-    reply = small_body_server.post(COMPLETIONS, content=_chunks(_body_of(2 * MB - 1), 256 * 1024),
-                                   headers={"content-type": "application/json"})
+    reply = big_body_server.post(COMPLETIONS, content=_chunks(_body_of(12 * MB - 1)),
+                                 headers={"content-type": "application/json"})
     assert_error(reply, 400, "invalid_request_error", code="context_length_exceeded")
-    _good_completion(small_body_server)
+    _good_completion(big_body_server)
 
 
-def test_health_answers_while_a_long_request_is_being_tokenised(small_body_server):
-    """About 1.5 MB of prompts, each fitting the context but the last: the server tokenises them all,
+def test_health_answers_while_a_long_request_is_being_tokenised(big_body_server):
+    """About 5 MB of prompts, each fitting the context but the last: the server tokenises them all,
     for seconds of CPU, before it refuses the request. ``/metrics`` shows the request in flight while
     its prompts are checked; /health must answer meanwhile, before the refusal arrives."""
-    server = small_body_server
-    prompts = [LINE * 160] * 190 + [LINE * 330]  # 1440 tokens each, then 2970: over the 2048 context
+    server = big_body_server
+    prompts = [LINE * 160] * 650 + [LINE * 330]  # 1440 tokens each, then 2970: over the 2048 context
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         body = {"model": TINY_NAME, "prompt": prompts, "max_tokens": 1}
         refusal = pool.submit(server.post, COMPLETIONS, json=body)
