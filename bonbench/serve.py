@@ -41,6 +41,7 @@ class ServeConfig:
     default_max_tokens: int = field(128, "max_tokens when a request gives none")
     max_prompt_tokens: int = field(4096, "longest prompt accepted, in tokens")
     max_in_flight: int = field(256, "requests accepted at once; more are answered 503")
+    max_body_mb: float = field(8.0, "largest request body accepted, in MB (2^20 bytes); larger ones get a 413, unread")
     max_batch_rows: int = field(64, "transformers backend: most candidates decoded in one batch")
     device: str = field("cpu", "cpu or cuda[:i]")
     dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16")
@@ -59,6 +60,8 @@ class ServeConfig:
             raise ValueError("--reward-model none serves plain samples: use --n 1 (clients set n)")
         if self.default_max_tokens > self.max_tokens:
             raise ValueError("--default-max-tokens exceeds --max-tokens")
+        if not self.max_body_mb * 2**20 >= 1:
+            raise ValueError(f"--max-body-mb must be positive, got {self.max_body_mb}")
 
 
 def build_service(cfg: ServeConfig):
@@ -93,7 +96,7 @@ def build_service(cfg: ServeConfig):
                          judge_base_url=cfg.judge_base_url or None, judge_api_key=cfg.judge_api_key or None)
     limits = Limits(default_best_of=cfg.n, max_best_of=cfg.max_best_of, default_max_tokens=cfg.default_max_tokens,
                     max_tokens=cfg.max_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
-                    max_in_flight=cfg.max_in_flight)
+                    max_in_flight=cfg.max_in_flight, max_body_bytes=int(cfg.max_body_mb * 2**20))
     return BestOfNService(backend, reward, name, limits)
 
 

@@ -12,16 +12,38 @@ from typing import AsyncIterator, Awaitable, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bonbench.server import protocol as P
+from bonbench.server.body_limit import BodyLimit
 from bonbench.server.errors import APIError, InvalidRequest, NotFound, Unauthorized
 from bonbench.server.service import BestOfNService
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+
+# Every error status the API answers with, as the OpenAPI document states it.
+_ERROR_STATUSES = {
+    400: "Invalid request: malformed JSON, a field out of range, or a prompt too long "
+         "(code context_length_exceeded)",
+    401: "Missing or wrong API key (only when the server was started with --api-key)",
+    404: "The model is not the one this server serves (code model_not_found)",
+    413: "The request body is larger than --max-body-mb (code request_too_large)",
+    500: "Generation or the reward model failed",
+    502: "The upstream server failed (--upstream)",
+    503: "The server already holds --max-in-flight requests; retry later",
+}
+# With stream=true: one server-sent event per chunk, its data a chunk's JSON, the last one "[DONE]".
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string", "description": "a chunk as JSON, or [DONE] at the end"}}}
+_STREAM = {"content": {"text/event-stream": {"schema": _SSE_EVENT}},
+           "description": "The reply, or with stream=true its chunks as server-sent events"}
+
+
+def _responses(*statuses: int) -> dict:
+    return {status: {"model": P.ErrorResponse, "description": _ERROR_STATUSES[status]} for status in statuses}
 
 
 class ClientGone(Exception):
@@ -84,6 +106,9 @@ def build_app(service: BestOfNService, api_key: str | None = None) -> FastAPI:
 
     app = FastAPI(title="bonbench", summary="Best-of-N behind an OpenAI-compatible API", lifespan=lifespan)
     metrics = service.metrics
+    _document_errors_only_as_sent(app)
+    # Added before the guard, so it runs inside it: the API key is checked first and 413s are counted.
+    app.add_middleware(BodyLimit, max_bytes=service.limits.max_body_bytes)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -124,27 +149,48 @@ def build_app(service: BestOfNService, api_key: str | None = None) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_responses(401))
     async def models() -> P.ModelList:
         return P.ModelList(data=[P.ModelCard(id=service.model_name)])
 
-    @app.post("/v1/chat/completions", response_model_exclude_none=True)
+    generation_errors = {200: _STREAM, **_responses(400, 401, 404, 413, 500, 502, 503)}
+
+    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse, response_model_exclude_none=True,
+              responses=generation_errors)
     async def chat(req: P.ChatCompletionRequest, request: Request):
         if req.stream:
             return await _stream(request, service.stream_chat(req))
         return await _unless_disconnected(request, service.chat(req))
 
-    @app.post("/v1/completions", response_model_exclude_none=True)
+    @app.post("/v1/completions", response_model=P.CompletionResponse, response_model_exclude_none=True,
+              responses=generation_errors)
     async def complete(req: P.CompletionRequest, request: Request):
         if req.stream:
             return await _stream(request, service.stream_completion(req))
         return await _unless_disconnected(request, service.complete(req))
 
     return app
+
+
+def _document_errors_only_as_sent(app: FastAPI) -> None:
+    """Drop FastAPI's 422 from the OpenAPI document: the server answers invalid requests with a 400."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    operation["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def _stream(request: Request, chunks: AsyncIterator[dict]) -> StreamingResponse:

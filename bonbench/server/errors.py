@@ -34,6 +34,10 @@ class NotFound(APIError):
     status, type = 404, "invalid_request_error"
 
 
+class RequestTooLarge(APIError):
+    status, type = 413, "invalid_request_error"
+
+
 class Overloaded(APIError):
     status, type = 503, "server_overloaded"
 

@@ -2,29 +2,53 @@
 
 OpenAI's fields come first, in OpenAI's order (a request's as the openai client's ``create()``
 lists them, a response's as OpenAI's server writes them); the Best-of-N extensions sit in one
-marked block at the end of each model. Unknown fields are ignored, as OpenAI's own server does,
-so clients that send newer fields keep working.
+marked block at the end of each model. Unknown fields are ignored and logged as a warning (as
+vLLM does; OpenAI's own API refuses them), so clients that send newer fields keep working.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+log = logging.getLogger(__name__)
 
 
 def _id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-class StreamOptions(BaseModel):
+class _Request(BaseModel):
+    """A part of a request. Fields it does not know are dropped, and logged as ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [str(k) for k in data if k not in cls.model_fields]
+            if unknown:
+                log.warning("%s: ignored unknown fields %s", cls.__name__, ", ".join(sorted(unknown))[:300])
+        return data
+
+    @property
+    def stop_list(self) -> tuple[str, ...]:
+        stop = getattr(self, "stop", None)
+        if stop is None:
+            return ()
+        return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[dict[str, Any]]]
 
@@ -49,18 +73,6 @@ Stop = Optional[Union[str, list[str]]]
 TokenBudget = Annotated[Optional[int], Field(ge=1)]
 BestOf = Annotated[Optional[int], Field(ge=1, description="candidates N to draw; the reply keeps the top n")]
 ReturnCandidates = Annotated[bool, Field(description="add every candidate's reward and the chosen indices")]
-
-
-class _Request(BaseModel):
-    """What both request bodies share besides their fields."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    @property
-    def stop_list(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
 class ChatCompletionRequest(_Request):
@@ -113,6 +125,19 @@ class CompletionRequest(_Request):
     @property
     def token_budget(self) -> Optional[int]:
         return self.max_tokens
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str]
+    code: Optional[str]
+
+
+class ErrorResponse(BaseModel):
+    """Every error's body, as OpenAI's API answers it."""
+
+    error: ErrorDetail
 
 
 class Usage(BaseModel):

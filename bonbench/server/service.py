@@ -36,6 +36,12 @@ class Limits:
     max_tokens: int = 1024
     max_prompt_tokens: int = 4096
     max_in_flight: int = 256  # requests accepted at once (running or queued); more get a 503
+    max_body_bytes: int = 8 * 2**20  # larger request bodies get a 413 before they are read (the app's job)
+
+
+# No tokenizer in common use has a token this long (SmolLM2's longest is 81 characters), so a prompt
+# with more characters than this many times its token limit is refused without tokenising it.
+MAX_CHARS_PER_TOKEN = 256
 
 
 @dataclass
@@ -79,6 +85,8 @@ class BestOfNService:
         self._in_flight = 0
         # One thread scores: reward models are not re-entrant and the CPU has few cores.
         self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bonbench-reward")
+        # Tokenising a long prompt takes CPU seconds: it runs here, off the event loop, one prompt at a time.
+        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bonbench-tokenize")
 
     # -- validation: every check runs before any model work ------------------------------------
 
@@ -107,6 +115,17 @@ class BestOfNService:
         logprobs = req.logprobs if isinstance(req, P.ChatCompletionRequest) else req.logprobs is not None
         return SamplingParams(n=best_of, max_tokens=max_tokens, temperature=req.temperature,
                               top_p=req.top_p, stop=req.stop_list, seed=req.seed, logprobs=logprobs)
+
+    def _check_characters(self, prompt: Prompt) -> None:
+        """Refuse, without tokenising, a prompt too long for any tokenizer to fit in the token limit."""
+        chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+        context = self.backend.max_context
+        limit = self.limits.max_prompt_tokens if context is None else min(self.limits.max_prompt_tokens, context)
+        if chars > limit * MAX_CHARS_PER_TOKEN:
+            raise InvalidRequest(f"the prompt has {chars} characters: more than {limit} tokens can hold "
+                                 f"(at most {limit * MAX_CHARS_PER_TOKEN})",
+                                 param="prompt" if isinstance(prompt, str) else "messages",
+                                 code="context_length_exceeded")
 
     def _check_prompt(self, prompt: Prompt, params: SamplingParams) -> None:
         try:
@@ -158,13 +177,17 @@ class BestOfNService:
 
     async def _admit(self, prompts: list[Prompt], params: SamplingParams, n: int) -> list[Selection]:
         for prompt in prompts:
-            self._check_prompt(prompt, params)
+            self._check_characters(prompt)
         if self._in_flight >= self.limits.max_in_flight:
             self.metrics.rejected.inc()
             raise Overloaded(f"the server is busy with {self._in_flight} requests; retry later")
+        # Admitted before tokenising, so that a flood of long prompts meets the 503, not the tokenizer.
         self._in_flight += 1
         self.metrics.in_flight.set(self._in_flight)
         try:
+            loop = asyncio.get_running_loop()
+            for prompt in prompts:  # one at a time, so other requests' prompts take turns with these
+                await loop.run_in_executor(self._tokenizer_pool, self._check_prompt, prompt, params)
             return list(await asyncio.gather(*(self.best_of_n(p, params, n) for p in prompts)))
         except asyncio.CancelledError:
             self.metrics.cancelled.inc()
@@ -252,6 +275,7 @@ class BestOfNService:
 
     async def close(self) -> None:
         self._reward_pool.shutdown(wait=False, cancel_futures=True)
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         await self.backend.close()
 
 
