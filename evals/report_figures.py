@@ -30,6 +30,16 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _finish(ax, title: str, xlabel: str, ylabel: str, log_x: bool = True) -> None:
+    if log_x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+
+
 def _error(frame, low: str, high: str, value: str):
     """Asymmetric error bars (2, rows) from interval columns; zeros where missing."""
     lo = (frame[value] - frame[low]).fillna(0).clip(lower=0).to_numpy()
@@ -52,12 +62,8 @@ def cost_vs_quality(methods, path: Path, metric: str = "win_rate") -> Path:
         ax.errorbar([row.tokens_per_answer], [getattr(row, metric)],
                     yerr=[[max(getattr(row, metric) - row.win_low, 0)], [max(row.win_high - getattr(row, metric), 0)]],
                     marker="*", markersize=12, capsize=3, linestyle="none", label=row.method)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("generated tokens per answer served (log scale)")
-    ax.set_ylabel("win rate against one reference sample")
-    ax.set_title("Cost against quality")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    _finish(ax, "Cost against quality", "generated tokens per answer served (log scale)",
+            "win rate against one reference sample")
     return _save(fig, path)
 
 
@@ -74,12 +80,7 @@ def win_rate_vs_n(methods, path: Path) -> Path:
     for i, row in enumerate(methods[methods["kind"] == "policy"].itertuples()):
         ax.axhline(row.win_rate, color=plt.cm.Reds(0.5 + 0.4 * i / max(1, len(methods))), linestyle="--",
                    label=f"{row.method} (1 sample)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("N (samples per answer)")
-    ax.set_ylabel("win rate against one reference sample")
-    ax.set_title("Win rate against N")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    _finish(ax, "Win rate against N", "N (samples per answer)", "win rate against one reference sample")
     return _save(fig, path)
 
 
@@ -99,9 +100,5 @@ def reward_vs_kl(methods, curves, path: Path) -> Path:
         for run, frame in curves.groupby("run"):
             frame = frame.sort_values("step")
             ax.plot(frame["kl"], frame["reward"], marker=".", alpha=0.6, label=f"{run}: training evaluations")
-    ax.set_xlabel("KL(π ‖ π_ref) (nats)")
-    ax.set_ylabel("mean reward")
-    ax.set_title("Reward against KL")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    _finish(ax, "Reward against KL", "KL(π ‖ π_ref) (nats)", "mean reward", log_x=False)
     return _save(fig, path)
