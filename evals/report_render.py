@@ -35,7 +35,7 @@ def html_table(frame, digits: int = 3) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
-def to_markdown(title: str, sections: list[Section], folder: Path) -> str:
+def render_markdown(title: str, sections: list[Section], folder: Path) -> str:
     parts = [f"# {title}", ""]
     for section in sections:
         parts += [f"## {section.title}", ""]
@@ -72,7 +72,7 @@ def _inline(text: str) -> str:
     return "".join(out)
 
 
-def to_html(title: str, sections: list[Section]) -> str:
+def render_html(title: str, sections: list[Section]) -> str:
     body = [f"<h1>{html.escape(title)}</h1>"]
     for section in sections:
         body.append(f"<h2>{html.escape(section.title)}</h2>")
@@ -92,6 +92,6 @@ def to_html(title: str, sections: list[Section]) -> str:
 def write_report(folder: Path, title: str, sections: list[Section]) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` into ``folder``; return both paths."""
     md, page = folder / "report.md", folder / "report.html"
-    md.write_text(to_markdown(title, sections, folder))
-    page.write_text(to_html(title, sections))
+    md.write_text(render_markdown(title, sections, folder))
+    page.write_text(render_html(title, sections))
     return md, page
