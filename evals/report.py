@@ -24,7 +24,7 @@ from bonbench.cli import log_level_option, run_command, setup_logging
 from bonbench.config import field, parse_config
 from evals import report_figures as figures
 from evals.report_render import Section, write_report
-from evals.report_tables import Runs, load_runs, matched_n
+from evals.report_tables import Runs, bon_curve, load_runs, matched_n
 
 log = logging.getLogger("evals.report")
 
@@ -68,14 +68,15 @@ def _methods(runs: Runs):
 
 def _verdicts(methods) -> list[str]:
     """One sentence per policy: which Best-of-N it matches, at what share of the tokens."""
-    bon = methods[methods["kind"] == "bon"].sort_values("n")
+    bon = bon_curve(methods)
     out = []
     for row in methods[methods["kind"] == "policy"].itertuples():
         n = matched_n(bon["n"], bon["win_rate"], row.win_rate) if len(bon) else None
         interval = f"{row.win_rate:.3f} [{row.win_low:.3f}, {row.win_high:.3f}]"
         if n is None and len(bon) and row.win_rate < bon["win_rate"].iloc[0]:
-            out.append(f"**{row.method}**: win rate {interval}, below Best-of-{bon['n'].iloc[0]}: "
-                       "distillation did not pay on this run.")
+            out.append(f"**{row.method}**: win rate {interval}, below Best-of-{bon['n'].iloc[0]}'s "
+                       f"{bon['win_rate'].iloc[0]:.3f}: on these prompts one sample of this policy is no better "
+                       "than the reference's, so distillation did not pay on this run.")
         elif n is None and len(bon):
             out.append(f"**{row.method}**: win rate {interval}, above every Best-of-N measured "
                        f"(up to N={bon['n'].iloc[-1]}).")
@@ -100,7 +101,7 @@ def headline(methods, folder: Path) -> Section:
                "reward": "reward", "kl": "KL", "kl_kind": "KL is"}
     extra = {c: c for c in ("rougeL", "words", "flag") if c in methods}
     table = methods[list(columns) + list(extra)].rename(columns=columns)
-    section = Section("Best-of-N against distilled policies", _verdicts(methods), [("", table)])
+    section = Section("One sample of each policy against Best-of-N", _verdicts(methods), [("", table)])
     section.paragraphs.append(
         "Win rate: against one independent reference sample per answer, ties counted half, Wilson 95% "
         "interval. KL: Best-of-N's analytic log N − (N−1)/N (an upper bound when answers repeat); a policy's "
@@ -156,8 +157,11 @@ def benchmark_section(runs: Runs) -> Section | None:
     table = table.reset_index()
     table.columns.name = None
     return Section("Benchmarks (lm-eval)", [
-        "Scores ± lm-eval's standard error. A Best-of-N column names the reward that chose its answers: a "
-        "summary reward is the wrong judge for short answers, and the table shows what that costs."], [("", table)])
+        "Scores ± lm-eval's standard error. The reference and policy columns decode as each task says "
+        "(the shipped generation tasks: greedy); Best-of-N columns sample their candidates at temperature 1, "
+        "so bon-1 is one plain sample and bon-N - bon-1 is what the selection adds. A Best-of-N column names "
+        "the reward that chose its answers: a summary reward is the wrong judge for short answers, and the "
+        "table shows what that costs."], [("", table)])
 
 
 def judge_section(runs: Runs) -> Section | None:

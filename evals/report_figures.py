@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from evals.report_tables import bon_curve
+
 _COLORS = {"bon": "#1f77b4", "reference": "#7f7f7f", "policy": "#d62728"}
 
 
@@ -51,7 +53,7 @@ def cost_vs_quality(methods, path: Path, metric: str = "win_rate") -> Path:
     """Generated tokens per answer (log x) against the win rate: the price of each method's quality."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    bon = methods[methods["kind"] == "bon"].sort_values("n")
+    bon = bon_curve(methods)
     if len(bon):
         ax.errorbar(bon["tokens_per_answer"], bon[metric], yerr=_error(bon, "win_low", "win_high", metric),
                     color=_COLORS["bon"], marker="o", capsize=3, label="Best-of-N (reference samples)")
@@ -71,7 +73,7 @@ def win_rate_vs_n(methods, path: Path) -> Path:
     """Best-of-N's win rate against N (measured and N/(N+1)), each policy as a line at one sample."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    bon = methods[methods["kind"] == "bon"].sort_values("n")
+    bon = bon_curve(methods)
     if len(bon):
         ax.errorbar(bon["n"], bon["win_rate"], yerr=_error(bon, "win_low", "win_high", "win_rate"),
                     color=_COLORS["bon"], marker="o", capsize=3, label="Best-of-N, measured")
@@ -89,7 +91,7 @@ def reward_vs_kl(methods, curves, path: Path) -> Path:
     and each training run's evaluations as a curve."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    bon = methods[methods["kind"] == "bon"].sort_values("n")
+    bon = bon_curve(methods)
     if len(bon):
         ax.plot(bon["kl"], bon["reward"], color=_COLORS["bon"], marker="o", label="Best-of-N (analytic KL)")
         for row in bon.itertuples():

@@ -110,6 +110,11 @@ def load_runs(folders: list[Path]) -> Runs:
     return runs
 
 
+def bon_curve(methods):
+    """Best-of-N's rows sorted by N, the reference sample (Best-of-1) included."""
+    return methods[methods["kind"].isin(["bon", "reference"])].sort_values("n")
+
+
 def matched_n(ns, values, value: float) -> float | None:
     """The N at which Best-of-N's curve reaches ``value``, interpolated linearly in log N.
 

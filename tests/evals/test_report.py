@@ -82,7 +82,7 @@ def test_the_default_comparison_writes_every_table_and_figure(default_report):
     for png in ("cost_vs_quality.png", "win_rate_vs_n.png", "reward_vs_kl.png"):
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (folder / "report.md").read_text()
-    for heading in ("## Best-of-N against distilled policies", "## Reward against KL", "## ROUGE and length",
+    for heading in ("## One sample of each policy against Best-of-N", "## Reward against KL", "## ROUGE and length",
                     "## Benchmarks (lm-eval)", "## Side-by-side (LLM judge)"):
         assert heading in text
     assert "bonbench_qa" in text and "policy:" in text and "reward: default" in text
