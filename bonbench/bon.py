@@ -1,9 +1,9 @@
 """Best-of-N mathematics on arrays: exact distributions, quantiles, KL, win rates.
 
 Pure NumPy, no I/O. Every function is checked against brute force or simulation in
-``tests/bonbench/test_bon.py``; section numbers refer to ``MATH.md``.
+``tests/bonbench/test_bon.py``; section numbers refer to ``docs/math.md``.
 
-The strict order ``≺`` (MATH.md §1)
+The strict order ``≺`` (docs/math.md §1)
 -----------------------------------
 Outcomes (or candidates) are ordered by reward first; among equal rewards the **lower
 index ranks higher** (counts as better). The same rule is used by ``strict_order``,
@@ -20,7 +20,7 @@ Two caveats worth knowing:
   lowest index. For language-model rewards equal rewards come almost only from identical
   texts, where the two agree.
 * ``mc_quantiles`` and ``log_quantile`` compare reward *values* (``r' < r`` and ``r' ≤ r``),
-  as in MATH.md §2. They estimate the quantiles of the strict order only when equal rewards
+  as in docs/math.md §2. They estimate the quantiles of the strict order only when equal rewards
   come from identical outcomes; with distinct outcomes sharing a reward they estimate the
   reward-level quantiles ``P[r(y') < r(y)]`` and ``P[r(y') ≤ r(y)]``.
 """
@@ -54,7 +54,7 @@ _PROB_SUM_TOL = 1e-6
 
 
 class Quantiles(NamedTuple):
-    """Lower and upper quantiles of outcomes under the reference policy (MATH.md §1).
+    """Lower and upper quantiles of outcomes under the reference policy (docs/math.md §1).
 
     ``p_less[i] = P[y' ≺ y_i]`` and ``p_leq[i] = P[y' ≺ y_i or y' = y_i]``, each the same
     shape as the rewards they were computed for.
@@ -137,7 +137,7 @@ def _scalar_if_0d(x: np.ndarray):
 
 
 # ---------------------------------------------------------------------------------------
-# The strict order and exact quantiles (MATH.md §1)
+# The strict order and exact quantiles (docs/math.md §1)
 
 
 def _ascending_order(rewards: np.ndarray) -> np.ndarray:
@@ -149,7 +149,7 @@ def _ascending_order(rewards: np.ndarray) -> np.ndarray:
 
 
 def strict_order(rewards) -> np.ndarray:
-    """Rank of every outcome under the strict order ``≺`` (MATH.md §1).
+    """Rank of every outcome under the strict order ``≺`` (docs/math.md §1).
 
     Args:
         rewards: shape ``(..., K)``; the order is taken along the last axis.
@@ -205,7 +205,7 @@ def _unsort(values: np.ndarray, order: np.ndarray) -> np.ndarray:
 
 
 def quantiles_exact(ref_probs, rewards) -> Quantiles:
-    """Exact quantiles of each outcome under ``π_ref`` and the strict order (MATH.md §1).
+    """Exact quantiles of each outcome under ``π_ref`` and the strict order (docs/math.md §1).
 
         p<(y) = Σ_{y' ≺ y} π_ref(y')        p≤(y) = p<(y) + π_ref(y)
 
@@ -223,7 +223,7 @@ def quantiles_exact(ref_probs, rewards) -> Quantiles:
 
 
 # ---------------------------------------------------------------------------------------
-# The Best-of-n distribution (MATH.md §1, BOND Theorem 1)
+# The Best-of-n distribution (docs/math.md §1, BOND Theorem 1)
 
 
 def _log_bon_sorted(sq: _SortedQuantiles, n: int) -> np.ndarray:
@@ -241,7 +241,7 @@ def _log_bon_sorted(sq: _SortedQuantiles, n: int) -> np.ndarray:
 
 
 def bon_probabilities(ref_probs, rewards, n) -> np.ndarray:
-    """Exact Best-of-n distribution over a finite outcome set (MATH.md §1, BOND Thm. 1).
+    """Exact Best-of-n distribution over a finite outcome set (docs/math.md §1, BOND Thm. 1).
 
         π_BoN(y) = p≤(y)^n − p<(y)^n
 
@@ -265,7 +265,7 @@ def bon_probabilities(ref_probs, rewards, n) -> np.ndarray:
 
 
 def bon_kl(n):
-    """Analytic KL of Best-of-n to the reference (MATH.md §1).
+    """Analytic KL of Best-of-n to the reference (docs/math.md §1).
 
         KL(π_BoN || π_ref) = log n − (n − 1)/n
 
@@ -282,7 +282,7 @@ def bon_kl(n):
 
 
 def bon_kl_exact(ref_probs, rewards, n):
-    """Exact ``KL(π_BoN || π_ref)`` on a finite outcome set (MATH.md §1).
+    """Exact ``KL(π_BoN || π_ref)`` on a finite outcome set (docs/math.md §1).
 
         KL = Σ_y π_BoN(y) · (log π_BoN(y) − log π_ref(y)),   π_BoN from ``bon_probabilities``
 
@@ -306,7 +306,7 @@ def bon_kl_exact(ref_probs, rewards, n):
 
 
 def bon_win_rate(n):
-    """Win rate of a Best-of-n sample against one reference sample (MATH.md §1).
+    """Win rate of a Best-of-n sample against one reference sample (docs/math.md §1).
 
         P[r(y_BoN) > r(y')] = n / (n + 1)
 
@@ -408,7 +408,7 @@ def _mc_counts(cand: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def mc_quantiles(candidate_rewards, reference_rewards) -> Quantiles:
-    """Monte-Carlo quantiles of candidates against reference samples (MATH.md §2).
+    """Monte-Carlo quantiles of candidates against reference samples (docs/math.md §2).
 
         p̂<(y) = (1/K) Σ_j 1{r(y_j) < r(y)}        p̂≤(y) = (1/K) Σ_j 1{r(y_j) ≤ r(y)}
 
@@ -429,7 +429,7 @@ def mc_quantiles(candidate_rewards, reference_rewards) -> Quantiles:
 
 
 def log_quantile(candidate_rewards, reference_rewards, smoothing: bool = True) -> np.ndarray:
-    """Log Monte-Carlo quantile ``log p̂≤``, the BOND training and evaluation reward (MATH.md §2).
+    """Log Monte-Carlo quantile ``log p̂≤``, the BOND training and evaluation reward (docs/math.md §2).
 
         smoothing=True:   log((c + 1) / (K + 1)),   c = Σ_j 1{r(y_j) ≤ r(y)}
         smoothing=False:  log(c / K), which is −inf when c = 0
@@ -458,7 +458,7 @@ def best_of_subset_weights(k: int, ns) -> np.ndarray:
 
     Draw ``n`` of the ``K`` samples uniformly without replacement and keep the best under the
     strict order ``≺``; the sample of ascending rank ``j`` (1 = worst, ``K`` = best) is kept with
-    probability (MATH.md §1)
+    probability (docs/math.md §1)
 
         w_j = C(j − 1, n − 1) / C(K, n)      (0 for j < n)
 
@@ -500,7 +500,7 @@ def best_of_subset_weights(k: int, ns) -> np.ndarray:
 
 
 def expected_best_of(rewards, ns) -> np.ndarray:
-    """Unbiased estimate of ``E[max of n rewards]`` from ``K`` samples (MATH.md §1).
+    """Unbiased estimate of ``E[max of n rewards]`` from ``K`` samples (docs/math.md §1).
 
     With the samples sorted ``r_(1) ≤ … ≤ r_(K)``:
 
@@ -527,7 +527,7 @@ def expected_best_of(rewards, ns) -> np.ndarray:
 
 
 def bon_select(rewards, n: int = 1) -> np.ndarray:
-    """Indices of the top-``n`` candidates, best first, under the strict order (MATH.md §1).
+    """Indices of the top-``n`` candidates, best first, under the strict order (docs/math.md §1).
 
     Candidates are ranked by reward; among equal rewards the **lower index wins**, the same
     rule as ``strict_order`` and ``bon_probabilities``.
@@ -550,7 +550,7 @@ def bon_select(rewards, n: int = 1) -> np.ndarray:
 
 def bonbon_gap(n):
     """Expected log-ratio gap between the best and worst of ``n`` reference samples under
-    the Best-of-n policy, the BoNBoN target ``1/(2β*)`` (MATH.md §5):
+    the Best-of-n policy, the BoNBoN target ``1/(2β*)`` (docs/math.md §5):
 
         E[ log π_BoN/π_ref (y_(n)) − log π_BoN/π_ref (y_(1)) ] = (n − 1) · Σ_{k=1..n−1} 1/k
 

@@ -6,7 +6,7 @@
 
 summed over the answer's tokens only, at temperature 1 (the model's own distribution). It is
 the log π / log π_ref that the KL estimates of ``bonbench measure`` and the distillation losses
-need (MATH.md §3, §6). Called under ``torch.no_grad()`` it is an evaluation; called without, the
+need (docs/math.md §3, §6). Called under ``torch.no_grad()`` it is an evaluation; called without, the
 result carries gradients and serves training.
 
 Batching: pairs that share a prompt are scored together and the prompt is run once: a first pass

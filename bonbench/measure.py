@@ -12,7 +12,7 @@ For every prompt the reference π_ref (``--model``) draws one pool of ``k + M`` 
 ``--temperature``, split by draw order into two roles that never overlap:
 
 * ``reference``: the first ``k``; the reward distribution of π_ref for this prompt. Quantiles are
-  always taken against these (MATH.md §2): ``p̂≤(y) = (1/k) Σ_j 1{r(y_j) ≤ r(y)}``, and the log
+  always taken against these (docs/math.md §2): ``p̂≤(y) = (1/k) Σ_j 1{r(y_j) ≤ r(y)}``, and the log
   quantile is the smoothed ``log((c + 1)/(k + 1))`` of ``bon.log_quantile``.
 * ``candidate``: the next ``M`` (``--pool``, default the largest N); the draws Best-of-N selects from.
 
@@ -51,7 +51,7 @@ prompts (prompts are independent; samples within a prompt are not counted as ind
   prompt share the prompt, so it is a little optimistic when the true rate varies by prompt.
   ``win_rate_all`` is the lower-variance point estimate that compares with all k references,
   ``(p̂< + p̂≤)/2`` (over every N-subset for BoN-N). ``win_rate_theory = N/(N+1)``, exact without
-  ties (MATH.md §1); for BoN against its own reference the measured rate can only differ from it
+  ties (docs/math.md §1); for BoN against its own reference the measured rate can only differ from it
   by ties (identical answers) and noise, which makes it a check of the pipeline.
 * ``kl_analytic = log N − (N−1)/N`` (``bon.bon_kl``): KL(π_BoN || π_ref), exact when no answer
   repeats, an upper bound otherwise. ``duplicate_rate`` (the share of identical pairs among a
@@ -60,7 +60,7 @@ prompts (prompts are independent; samples within a prompt are not counted as ind
   quantiles of y to within π_ref(y) (e^-50 for a typical answer), which k samples cannot give, and
   the continuous plug-in ``log N + (N−1) log p̂≤`` only re-derives the analytic value with the bias
   of ``log p̂≤``. For the policy, ``kl_measured = mean of log π(y) − log π_ref(y)`` over its samples
-  (MATH.md §6): unbiased for KL(π || π_ref) of answers cut at ``--max-tokens`` (a cut answer is
+  (docs/math.md §6): unbiased for KL(π || π_ref) of answers cut at ``--max-tokens`` (a cut answer is
   scored as the prefix it is, under both models).
 * ``tokens_per_request``: generated tokens per answer served (BoN-N: N × the pool's mean tokens).
   ``seconds_per_request``: compute time per answer served: each sampling batch's wall time shared

@@ -1,4 +1,4 @@
-"""BoNBoN (Gui et al. 2024; MATH.md §5): fine-tune on the best of n reference samples while holding
+"""BoNBoN (Gui et al. 2024; docs/math.md §5): fine-tune on the best of n reference samples while holding
 the log-ratio gap between the best and the worst at the value true Best-of-n has.
 
     python -m distill.bonbon --n 8 --alpha 0.5

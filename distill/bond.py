@@ -1,11 +1,11 @@
 """BOND with the Jeffreys divergence, and its special cases: iterative BOND, vBoN, BoN fine-tuning.
 
-BOND (Sessa et al. 2024, §4; MATH.md §3): match pi to Best-of-N of the reference. Per prompt,
+BOND (Sessa et al. 2024, §4; docs/math.md §3): match pi to Best-of-N of the reference. Per prompt,
 ``k`` reference samples give Monte-Carlo quantiles and the Best-of-N target; ``samples`` policy
 samples carry the backward term. The forward term is supervised fine-tuning on the Best-of-N of
 the reference samples (every n-subset's best, weighted exactly, ``best_of_n_weights``); the
 backward term is a policy gradient with return (N-1)·log p̂≤(y) − (log pi(y) − log pi_ref(y)),
-p̂≤ smoothed as (c+1)/(k+1) (MATH.md §2), baseline from the prompt's other policy samples.
+p̂≤ smoothed as (c+1)/(k+1) (docs/math.md §2), baseline from the prompt's other policy samples.
 
 - ``--beta 0.5``: Jeffreys (BOND); ``--beta 1``: backward only (vBoN, Amini et al. 2024);
   ``--beta 0``: forward only (Best-of-N fine-tuning).

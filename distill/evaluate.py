@@ -1,4 +1,4 @@
-"""Periodic evaluation on held-out prompts, as the BOND paper measures (MATH.md §6).
+"""Periodic evaluation on held-out prompts, as the BOND paper measures (docs/math.md §6).
 
 Per prompt: ``eval_k`` reference samples (drawn once, kept in ``eval_reference.json`` so every
 evaluation and a resumed run compare against the same ones) and one policy sample. Reports:

@@ -1,6 +1,6 @@
 """J-BOND: distil Best-of-N into the policy with the Jeffreys divergence and a moving anchor.
 
-BOND (Sessa et al. 2024, §5, Algorithm 2; MATH.md §4). Each step, per prompt: one sample y from
+BOND (Sessa et al. 2024, §5, Algorithm 2; docs/math.md §4). Each step, per prompt: one sample y from
 the policy and two from the anchor. The forward-KL term fine-tunes on the better anchor sample
 (Best-of-2 of the anchor); the backward-KL term is a policy gradient with reward r_J = -log 16 when
 y is worse than both anchor samples (else 0) and a KL penalty to the anchor; the anchor trails

@@ -8,7 +8,7 @@ prompt. No function here touches a model, a file or a device.
 
 All losses are surrogate losses of the score-function kind: the value itself means little, its
 gradient in expectation over the sampled generations is the gradient of the objective named in each
-docstring (sections refer to ``MATH.md``).
+docstring (sections refer to ``docs/math.md``).
 
 Ties. Wherever a loss selects a "best" or "worst" generation by reward it uses one strict order,
 ``bonbench.bon.strict_order`` (here ``strict_ranks`` and ``best_and_worst``): higher reward ranks
@@ -31,7 +31,7 @@ from bonbench.bon import best_of_subset_weights, bonbon_gap, strict_order
 
 Tensor = torch.Tensor
 
-# MATH.md §4: with two anchor samples E[r_J] = -log 16 * (1 - p≤)^2, equal to log p≤ at p≤ = 1/2.
+# docs/math.md §4: with two anchor samples E[r_J] = -log 16 * (1 - p≤)^2, equal to log p≤ at p≤ = 1/2.
 JBOND_PENALTY = math.log(16.0)
 
 
@@ -112,7 +112,7 @@ def best_of_n_weights(rewards: Tensor, n: int) -> Tensor:
     """Probability that each of k samples is the best of a uniformly random n-subset of them.
 
     The sample of strict rank j (1 = worst, k = best) gets ``C(j-1, n-1) / C(k, n)``
-    (``bonbench.bon.best_of_subset_weights``, MATH.md §1). Weighting k i.i.d. reference samples
+    (``bonbench.bon.best_of_subset_weights``, docs/math.md §1). Weighting k i.i.d. reference samples
     this way gives an unbiased, lower-variance replacement for "draw n of them and keep the best".
     A sample of weight 0 cannot win any n-subset: the forward term does not read its log-probability.
 
@@ -140,7 +140,7 @@ def _policy_gradient(policy_logprobs: Tensor, advantages: Tensor) -> Tensor:
 
 
 def jbond_reward(rewards: Tensor, anchor_rewards: Tensor) -> Tensor:
-    """The J-BOND reward r_J (MATH.md §4 step 3; BOND paper Eq. 17).
+    """The J-BOND reward r_J (docs/math.md §4 step 3; BOND paper Eq. 17).
 
     Args:
         rewards: ``(P,)`` r(y) of the policy samples.
@@ -165,7 +165,7 @@ def jbond_loss(
     gamma: float = 0.0,
     use_baseline: bool = True,
 ) -> LossOutput:
-    """J-BOND loss of one step (MATH.md §4, steps 2 to 5; BOND paper Algorithm 2).
+    """J-BOND loss of one step (docs/math.md §4, steps 2 to 5; BOND paper Algorithm 2).
 
     Per prompt: one policy sample ``y ~ π`` and two anchor samples ``y'_1, y'_2 ~ π_anchor``.
 
@@ -254,9 +254,9 @@ def bond_loss(
     beta: float = 0.5,
     use_baseline: bool = True,
 ) -> LossOutput:
-    """BOND with the Jeffreys divergence J_beta(π, BoN_n(π_ref)) (MATH.md §3).
+    """BOND with the Jeffreys divergence J_beta(π, BoN_n(π_ref)) (docs/math.md §3).
 
-    Iterative BOND (MATH.md §3, last paragraph) is this loss with the anchor in place of π_ref:
+    Iterative BOND (docs/math.md §3, last paragraph) is this loss with the anchor in place of π_ref:
     pass the anchor's log-probabilities as ``ref_logprobs``, anchor samples as the reference samples
     and anchor-based quantiles, with a small ``n``.
 
@@ -265,7 +265,7 @@ def bond_loss(
         ref_logprobs: ``(P, S)`` log π_ref(y) (or log π_anchor(y)) of the policy samples.
         log_quantiles: ``(P, S)`` log p̂≤(y) of the policy samples, finite (e.g. the smoothed MC
             estimate of ``bonbench.bon.log_quantile``; with the exact
-            ``r_BOND`` of MATH.md §2 the backward gradient is exactly that of KL(π || π_BoN)).
+            ``r_BOND`` of docs/math.md §2 the backward gradient is exactly that of KL(π || π_BoN)).
         ref_sample_logprobs: ``(P, k)`` log π of the k reference samples, carries grad. Forward term;
             entries where ``best_of_n_weights(ref_rewards, n)`` is 0 enter with weight 0, so a
             recipe need not score those samples.
@@ -285,7 +285,7 @@ def bond_loss(
         loss     = (1 - beta) · mean forward + beta · mean backward
 
     In expectation the gradient is that of (1 - beta) · KL(π_BoN || π) + beta · KL(π || q) with
-    q ∝ π_ref · exp((n - 1) · E[log p̂≤]), which is π_BoN when log p̂≤ is r_BOND (MATH.md §2-3).
+    q ∝ π_ref · exp((n - 1) · E[log p̂≤]), which is π_BoN when log p̂≤ is r_BOND (docs/math.md §2-3).
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"BOND needs 0 <= beta <= 1, got {beta=}")
@@ -313,7 +313,7 @@ def bond_loss(
         _check_shape("ref_logprobs", ref_logprobs, tuple(policy_logprobs.shape))
         _check_shape("log_quantiles", log_quantiles, tuple(policy_logprobs.shape))
         if not torch.isfinite(log_quantiles).all():
-            raise ValueError("log_quantiles must be finite: smooth the MC quantile (MATH.md §2)")
+            raise ValueError("log_quantiles must be finite: smooth the MC quantile (docs/math.md §2)")
         log_ratio = policy_logprobs.detach() - ref_logprobs.detach()
         returns = (n - 1) * log_quantiles.detach().to(log_ratio.dtype) - log_ratio
         if use_baseline and policy_logprobs.shape[1] >= 2:
@@ -346,7 +346,7 @@ def vbon_loss(
     n: int,
     use_baseline: bool = True,
 ) -> LossOutput:
-    """vBoN (Amini et al. 2024): BOND's backward term alone, ``bond_loss`` with beta = 1 (MATH.md §5).
+    """vBoN (Amini et al. 2024): BOND's backward term alone, ``bond_loss`` with beta = 1 (docs/math.md §5).
 
     Args: as ``bond_loss``: ``(P, S)`` policy samples' log π (grad), log π_ref, log p̂≤.
     Gradient in expectation: that of KL(π || π_ref · exp((n - 1) · E[log p̂≤]) / Z).
@@ -365,7 +365,7 @@ def bon_sft_loss(ref_sample_logprobs: Tensor, ref_rewards: Tensor, *, n: int) ->
     """Best-of-n supervised fine-tuning: BOND's forward term alone, ``bond_loss`` with beta = 0.
 
     Args: ``(P, k)`` log π of k reference samples (grad) and their rewards, ``k >= n``.
-    Gradient in expectation: that of KL(BoN_n(π_ref) || π) (MATH.md §3, §5).
+    Gradient in expectation: that of KL(BoN_n(π_ref) || π) (docs/math.md §3, §5).
     """
     return bond_loss(ref_sample_logprobs=ref_sample_logprobs, ref_rewards=ref_rewards, n=n, beta=0.0)
 
@@ -380,7 +380,7 @@ def rloo_loss(
     *,
     beta_rl: float,
 ) -> LossOutput:
-    """REINFORCE with a leave-one-out baseline (RLOO) on a KL-regularised reward (MATH.md §5).
+    """REINFORCE with a leave-one-out baseline (RLOO) on a KL-regularised reward (docs/math.md §5).
 
     Args:
         policy_logprobs: ``(P, S)`` log π(y) of S >= 2 policy samples per prompt, carries grad.
@@ -419,7 +419,7 @@ def bonbon_loss(
     *,
     alpha: float,
 ) -> LossOutput:
-    """BoNBoN (Gui et al. 2024; MATH.md §5) on n reference samples per prompt.
+    """BoNBoN (Gui et al. 2024; docs/math.md §5) on n reference samples per prompt.
 
     Args:
         policy_logprobs: ``(P, n)`` log π of the n reference samples, carries grad; only the best

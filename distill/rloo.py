@@ -1,4 +1,4 @@
-"""REINFORCE with a leave-one-out baseline (RLOO), the BOND paper's RL baseline (MATH.md §5).
+"""REINFORCE with a leave-one-out baseline (RLOO), the BOND paper's RL baseline (docs/math.md §5).
 
 Per prompt, ``samples`` (>= 2) policy samples; return r(y) − beta_rl·(log pi(y) − log pi_ref(y)),
 baseline the mean return of the prompt's other samples. The paper sweeps beta_rl over

@@ -1,4 +1,4 @@
-"""An exact test bed for Best-of-N distillation (MATH.md §7).
+"""An exact test bed for Best-of-N distillation (docs/math.md §7).
 
 The generation space is every sequence of ``length`` tokens over ``vocab`` tokens (4 x 4 gives 256
 sequences), so π_ref, π, π_BoN, every KL and every expected quantile are computed exactly by summing
@@ -189,7 +189,7 @@ class TestBed:
         """``(M,)`` log of the fixed point of the backward term with smoothed MC quantiles.
 
         q ∝ π_ref · exp((n - 1) · E[log p̂≤]),  p̂≤ = (c + 1)/(k + 1),  c ~ Binomial(k, p≤(y))
-        (MATH.md §2): where vBoN converges with k reference samples, a little off π_BoN.
+        (docs/math.md §2): where vBoN converges with k reference samples, a little off π_BoN.
         """
         from scipy.stats import binom
 
@@ -316,7 +316,7 @@ class _Sampler:
 
 
 def _mc_log_quantiles(bed: TestBed, samples: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
-    # Smoothed MC estimate (c + 1)/(k + 1) on the strict order keys (MATH.md §2).
+    # Smoothed MC estimate (c + 1)/(k + 1) on the strict order keys (docs/math.md §2).
     keys = bed.order_keys.numpy()
     return torch.from_numpy(log_quantile(keys[samples.numpy()], keys[pool.numpy()], smoothing=True))
 

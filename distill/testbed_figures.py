@@ -1,4 +1,4 @@
-"""Figures 2, 4 and 7 of the BOND paper, redone on the exact test bed (MATH.md §7).
+"""Figures 2, 4 and 7 of the BOND paper, redone on the exact test bed (docs/math.md §7).
 
     python -m distill.testbed_figures                       # 3 seeds, ~3-6 minutes on one core
     python -m distill.testbed_figures --seeds 1 --out /tmp/testbed
@@ -316,7 +316,7 @@ The short versions are asserted by `tests/distill/test_testbed.py`.
 - **Figure 2, Jeffreys β = 0.5: held qualitatively, for the MLP policy.** At N = 8 it gets the
   forward KL of BoN-SFT (1.13x) and the backward KL of vBoN (1.00x), while each specialist is
   1.5x worse on its other divergence, and it keeps vBoN's log-quantile (β = 0 lags by 0.02 at
-  N = 8, 0.05 at N = 16). **Not held as MATH.md §7 quantifies it:** β = 0.5 only matches the
+  N = 8, 0.05 at N = 16). **Not held as docs/math.md §7 quantifies it:** β = 0.5 only matches the
   better specialist on backward KL (0.99-1.00x, not 0.7-0.9x) and is 1.05-1.30x on forward KL
   (not 0.9-1.1x). At N = 4 the three barely differ. With the tabular policy the claims do not
   separate: BoN-SFT is best on both KLs, since the backward term's target is the MC-quantile

@@ -489,7 +489,7 @@ def test_bon_select_in_draw_order_matches_bon_probabilities_per_reward_level():
 
 
 # ---------------------------------------------------------------------------------------
-# BoNBoN gap (MATH.md §5)
+# BoNBoN gap (docs/math.md §5)
 
 
 def test_bonbon_gap_values():

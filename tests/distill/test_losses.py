@@ -128,7 +128,7 @@ def bon_log(log_probs: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def r_bond(log_probs: torch.Tensor, n: int) -> torch.Tensor:
-    """Exact r_BOND of MATH.md §2 under the strict order, with the correction term."""
+    """Exact r_BOND of docs/math.md §2 under the strict order, with the correction term."""
     probs = log_probs.detach().exp().numpy()
     p_less, p_leq = quantiles_exact(probs / probs.sum(), TIED_REWARDS.numpy())
     ratio = p_less / p_leq
@@ -346,7 +346,7 @@ def test_bond_expected_gradient_is_jeffreys_divergence_to_best_of_n(beta):
     ys, pool, weights, log_q = _bond_batch(problem, n, k, lambda ys, pool: exact_r[ys])
     got = _bond_expected_gradient(problem, n, ys, pool, weights, log_q, beta)
     bon = bon_log(problem.ref, n)
-    # π_ref · exp((n-1) · r_BOND) is π_BoN itself (MATH.md §2).
+    # π_ref · exp((n-1) · r_BOND) is π_BoN itself (docs/math.md §2).
     torch.testing.assert_close(torch.log_softmax(problem.ref + (n - 1) * exact_r, 0), bon)
 
     def objective(log_pi):
@@ -364,7 +364,7 @@ def test_bond_with_mc_quantiles_targets_the_smoothed_estimator_fixed_point():
 
     ys, pool, weights, log_q = _bond_batch(problem, n, k, mc)
     got = _bond_expected_gradient(problem, n, ys, pool, weights, log_q, 0.5)
-    # E[log p̂≤(y)] with c ~ Binomial(k, p≤(y)) and p̂≤ = (c + 1)/(k + 1) (MATH.md §2)
+    # E[log p̂≤(y)] with c ~ Binomial(k, p≤(y)) and p̂≤ = (c + 1)/(k + 1) (docs/math.md §2)
     _, p_leq = quantiles_exact(problem.ref.exp().numpy(), TIED_REWARDS.numpy())
     c = np.arange(k + 1)
     mean_log_q = binom.pmf(c[None], k, p_leq[:, None]) @ np.log((c + 1.0) / (k + 1.0))

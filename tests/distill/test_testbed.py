@@ -1,4 +1,4 @@
-"""The exact test bed is exact, and the BOND paper's qualitative claims on it (MATH.md §7).
+"""The exact test bed is exact, and the BOND paper's qualitative claims on it (docs/math.md §7).
 
 Short, seeded versions of ``distill.testbed_figures``. Claims tested: Figure 2 (Jeffreys β = 0.5
 gets low forward AND backward KL to π_BoN; β = 0 lags in log-quantile), Figure 4 (iterative BOND
@@ -111,7 +111,7 @@ def test_mc_quantile_target_is_a_little_off_best_of_n():
     b = bed("tabular")
     target = b.mc_backward_target(8, k=16)
     off = float(kl(target, b.bon_log_probs(8)))
-    assert 0.005 < off < 0.05  # MATH.md §2: about 0.02 at N = 8
+    assert 0.005 < off < 0.05  # docs/math.md §2: about 0.02 at N = 8
 
 
 @pytest.mark.parametrize("method", ["bond", "iterative_bond", "jbond", "rloo", "bonbon", "vbon", "bon_sft"])
@@ -128,7 +128,7 @@ FIG2 = dict(method="bond", n=8, steps=600, lr=0.02)
 
 def test_tabular_policy_every_beta_reaches_best_of_n():
     # Fully expressive: all three β end near π_BoN (β = 1 only as near as its MC-quantile target,
-    # MATH.md §2), while the MLP's specialists miss by 0.2-0.3 on their weak side.
+    # docs/math.md §2), while the MLP's specialists miss by 0.2-0.3 on their weak side.
     for beta in (0.0, 0.5, 1.0):
         h = run("tabular", beta=beta, seed=0, **FIG2)
         assert final(h, "forward_kl") < 0.08 and final(h, "backward_kl") < 0.08
