@@ -35,7 +35,9 @@ Per method (``summary``): every mean is over prompts, each prompt weighing the s
 its served answers first), and every ``*_se`` is the standard error of that mean across prompts
 (not a bootstrap); a 95% interval is ± 1.96 se. More prompts (``--limit``) tighten them.
 ``win_rate`` (ties half) and its Wilson interval ``[win_low, win_high]`` pool the disjoint
-comparisons of all prompts (``bonbench.bon.win_rate``; ``win_pairs`` of them). ``kl``: for
+comparisons of all prompts (``bonbench.bon.win_rate``; ``win_pairs`` of them); ``win_rate_all``
+is the lower-variance estimate against every reference sample of the prompt, (p̂< + p̂≤)/2, with
+its standard error across prompts. ``kl``: for
 ``BoN-N`` the analytic log N − (N−1)/N (exact without repeated answers, an upper bound with
 them), 0 for the reference, ``kl_kind`` "analytic"; for a policy the measured mean of
 log π(y) − log π_ref(y), ``kl_kind`` "measured". ``tokens_per_answer`` and ``seconds_per_answer``:
@@ -71,9 +73,11 @@ KIND = "evals.xsum"
 PROG = "python -m evals.xsum"
 Z95 = 1.96
 ANSWER_COLUMNS = ["method", "kind", "n", "prompt_index", "prompt_id", "sample", "prompt", "document", "answer",
-                  "reference", "reward", "versus_reward", "log_quantile", "log_ratio", "rouge1", "rouge2", "rougeL",
+                  "reference", "reward", "versus_reward", "win_rate_all", "log_quantile", "log_ratio", "rouge1",
+                  "rouge2", "rougeL",
                   "words", "tokens", "generated_tokens", "seconds", "finish_reason"]
-MEANS = ["reward", "log_quantile", "rouge1", "rouge2", "rougeL", "words", "tokens"]  # each with its _se
+MEANS = ["reward", "win_rate_all", "log_quantile", "rouge1", "rouge2", "rougeL", "words",
+         "tokens"]  # each with its _se
 DELTAS = ["reward", "rougeL", "words"]  # paired against the reference, each as <name>_delta(_se)
 
 
@@ -167,7 +171,10 @@ def _prompt_answers(samples, ns) -> list[dict]:
             serve(f"policy:{slug}", "policy", 1, i, sample, sample["num_tokens"], sample["sample_seconds"],
                   ref_r[i] if i < len(ref_r) else float("nan"), sample["logprob"] - sample["ref_logprob"])
     for row in rows:
-        row["log_quantile"] = float(np.log((np.sum(ref_r <= row["reward"]) + 1.0) / (len(ref_r) + 1.0)))
+        r = row["reward"]
+        row["log_quantile"] = float(np.log((np.sum(ref_r <= r) + 1.0) / (len(ref_r) + 1.0)))
+        # against every reference sample of the prompt, ties half: (p̂< + p̂≤) / 2 (docs/math.md §6.2)
+        row["win_rate_all"] = float((np.sum(ref_r < r) + 0.5 * np.sum(ref_r == r)) / len(ref_r))
     return rows
 
 
@@ -282,7 +289,8 @@ def evaluate(cfg: XsumConfig, plan: Plan):
                     row.prompts, len(items))
     answers = served[served["sample"] == 0].reset_index(drop=True)
     store.write_tables({"served": served, "answers": answers, "per_prompt": per_prompt, "summary": summary})
-    shown = ["method", "prompts", "tokens_per_answer", "reward", "win_rate", "kl", "rougeL", "words", "flag"]
+    shown = ["method", "prompts", "tokens_per_answer", "reward", "win_rate", "win_rate_all", "kl", "rougeL", "words",
+             "flag"]
     with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_colwidth", 80):
         print(summary[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\nwritten to {store.root}/ (summary, answers, served, per_prompt: .parquet and .csv; summary.md)")

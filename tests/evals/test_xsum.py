@@ -132,6 +132,10 @@ def test_served_answers_are_what_each_method_serves_and_are_scored(default_run):
         assert single["answer"].tolist() == cand["text"].tolist() and single["generated_tokens"].equals(
             single["tokens"])
         assert (mine["log_quantile"] <= 0).all()
+        refs = ref["reward"].to_numpy()
+        for row in mine.itertuples():  # against every reference of the prompt, ties half
+            beaten = sum(1.0 if row.reward > r else 0.5 if row.reward == r else 0.0 for r in refs)
+            assert row.win_rate_all == pytest.approx(beaten / len(refs))
     scores = rouge_f1(served["answer"], served["reference"])
     for column, values in scores.items():
         np.testing.assert_allclose(served[column], values)
