@@ -303,6 +303,7 @@ def test_summary_pairs_methods_with_the_reference_by_prompt():
     served = []
     for p, base in enumerate([0.2, 0.5, 0.8]):
         common = {"prompt_index": p, "prompt_id": str(p), "sample": 0, "log_quantile": -1.0, "log_ratio": np.nan,
+                  "win_rate_all": 0.5,
                   "rouge1": base, "rouge2": base, "tokens": 5, "generated_tokens": 5, "seconds": 1.0}
         served.append(common | {"method": "reference", "kind": "reference", "n": 1, "reward": base, "rougeL": base,
                                 "words": 5, "versus_reward": base + 0.5})
