@@ -5,6 +5,8 @@ In one process, on the same model, prompts and reward, one after the other:
   trl           TRL's ``RLOOTrainer`` (the BOND paper's RL baseline): ``--prompts`` prompts x
                 ``--samples`` completions of <= ``--max-tokens`` tokens per step, LoRA r``--lora-r`` on
                 every linear layer of every block, beta ``--beta-rl``, sampling with ``generate``;
+                TRL's defaults otherwise, gradient checkpointing included;
+  trl-nogc      the same without gradient checkpointing (``distill`` does not checkpoint either);
   rloo          ``python -m distill.rloo``'s trainer with the same settings (``--lora-top-layers 0``);
   sampler       bonbench's in-process sampler alone, on the same rows (no adapters, no training):
                 the ceiling for a step's sampling;
@@ -41,7 +43,7 @@ import torch  # noqa: E402
 
 from bonbench.config import field, parse_config  # noqa: E402
 
-PARTS = ("trl", "rloo", "sampler", "jbond-fp32", "jbond-bf16")
+PARTS = ("trl", "trl-nogc", "rloo", "sampler", "jbond-fp32", "jbond-bf16")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -60,7 +62,7 @@ class BenchConfig:
     beta_rl: float = field(0.01, "RLOO's KL coefficient")
     lr: float = field(1e-4, "learning rate of both RLOO trainers")
     seed: int = field(0, "seed of the prompts' order, LoRA initialisation and sampling")
-    out: str = field("trainer_step", "report name: writes reports/bench/<out>.md and .json")
+    out: str = field("trainer_step", "report name (no folder): writes reports/bench/<out>.md and .json")
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.parts if p not in PARTS]
@@ -68,6 +70,8 @@ class BenchConfig:
             raise ValueError(f"unknown parts {unknown}: choose from {PARTS}")
         if self.steps < 1 or self.prompts < 2 or self.samples < 2 or self.max_tokens < 1:
             raise ValueError("steps >= 1, prompts >= 2, samples >= 2 and max_tokens >= 1")
+        if Path(self.out).name != self.out:
+            raise ValueError(f"--out is a report name, written under reports/bench/; got a path {self.out!r}")
 
 
 def _train_prompts(cfg: BenchConfig) -> list[list[dict]]:
@@ -103,7 +107,7 @@ def _timed(obj, name: str, into: dict[str, float], key, after=None) -> None:
     setattr(obj, name, wrapper)
 
 
-def bench_trl(cfg: BenchConfig, prompts: list[list[dict]]) -> dict:
+def bench_trl(cfg: BenchConfig, prompts: list[list[dict]], gradient_checkpointing: bool) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -124,7 +128,8 @@ def bench_trl(cfg: BenchConfig, prompts: list[list[dict]]) -> dict:
     args = RLOOConfig(output_dir=tempfile.mkdtemp(prefix="trl-rloo-"), per_device_train_batch_size=cfg.prompts * cfg.samples,
                       num_generations=cfg.samples, max_completion_length=cfg.max_tokens, beta=cfg.beta_rl,
                       learning_rate=cfg.lr, max_steps=cfg.steps, logging_steps=1, save_strategy="no", report_to="none",
-                      use_cpu=cfg.device == "cpu", bf16=False, seed=cfg.seed, dataloader_num_workers=0)
+                      use_cpu=cfg.device == "cpu", bf16=False, seed=cfg.seed, dataloader_num_workers=0,
+                      gradient_checkpointing=gradient_checkpointing)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS,
                       task_type="CAUSAL_LM")
     trainer = RLOOTrainer(model=model, reward_funcs=reward_func, args=args, processing_class=tokenizer,
@@ -273,11 +278,12 @@ def table(results: dict, cfg: BenchConfig, machine: str) -> str:
 
 def ratios(results: dict) -> list[str]:
     out = []
-    if "trl" in results and "rloo" in results:
-        trl, ours = results["trl"], results["rloo"]
-        out.append(f"RLOO: TRL {trl['s_per_step']:.2f} s/step / distill {ours['s_per_step']:.2f} s/step = "
-                   f"{trl['s_per_step'] / ours['s_per_step']:.2f}x; generated tokens/s distill / TRL = "
-                   f"{ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x (target >= 3x)")
+    for name in ("trl", "trl-nogc"):
+        if name in results and "rloo" in results:
+            trl, ours = results[name], results["rloo"]
+            out.append(f"RLOO: {name} {trl['s_per_step']:.2f} s/step / distill {ours['s_per_step']:.2f} s/step = "
+                       f"{trl['s_per_step'] / ours['s_per_step']:.2f}x; generated tokens/s distill / {name} = "
+                       f"{ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x (target >= 3x)")
     if "rloo" in results and "sampler" in results:
         ours, alone = results["rloo"], results["sampler"]
         in_step = ours["tokens_per_step"] / ours["split"]["sample_s"]
@@ -314,8 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     contexts = {}
     for part in cfg.parts:
         print(f"== {part}", flush=True)
-        if part == "trl":
-            results[part] = bench_trl(cfg, prompts)
+        if part.startswith("trl"):
+            results[part] = bench_trl(cfg, prompts, gradient_checkpointing=part == "trl")
         elif part == "sampler":
             results[part] = bench_sampler(cfg, prompts)
         elif part == "rloo":
@@ -330,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         ctx.close()
     report = table(results, cfg, _machine(cfg))
     print(report)
-    folder = REPO / "reports" / "bench"
+    folder = REPO / "reports" / "bench"  # --out is a name, not a path
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{cfg.out}.md").write_text(report)
     (folder / f"{cfg.out}.json").write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=2) + "\n")
