@@ -39,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import bonbench  # noqa: E402, F401  (before torch: it sets OMP_WAIT_POLICY, without which a shared CPU crawls)
 import torch  # noqa: E402
 
 from bonbench.config import field, parse_config  # noqa: E402

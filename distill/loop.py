@@ -135,10 +135,11 @@ def build_context(cfg: TrainConfig, recipe: Recipe) -> Context:
     torch.manual_seed(cfg.seed)  # LoRA initialisation, the same in every process
     device = str(accelerator.device) if cfg.device == "auto" else cfg.device
     model, tokenizer = load_causal_lm(resolve_policy(cfg.model), cfg.dtype, device)
+    precision = resolve_precision(cfg.precision, device)
     policies = Policies(model, tokenizer, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                         lora_targets=cfg.lora_targets, lora_top_layers=cfg.lora_top_layers,
-                        with_anchor=recipe.needs_anchor, precision=resolve_precision(cfg.precision, device))
-    log.info("precision %s: %d frozen layers in bf16", cfg.precision, policies.bf16_layers)
+                        with_anchor=recipe.needs_anchor, precision=precision)
+    log.info("precision %s (--precision %s): %d frozen layers in bf16", precision, cfg.precision, policies.bf16_layers)
     policies.prepare(accelerator)
     reward = load_reward(cfg.reward_model, device=device, judge_model=cfg.judge_model or None,
                          judge_base_url=cfg.judge_base_url or None,
