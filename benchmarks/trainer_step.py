@@ -22,6 +22,7 @@ gradient), backward, anchor update. The table goes to stdout and ``reports/bench
 (raw numbers in ``.json``).
 
     python benchmarks/trainer_step.py                          # embedded SmolLM2-135M, CPU, ~10 min on 2 cores
+    python benchmarks/trainer_step.py --parts trl trl-nogc     # TRL with its default gradient checkpointing too
     python benchmarks/trainer_step.py --model <tiny folder> --steps 2
     python benchmarks/trainer_step.py --parts rloo jbond-fp32 jbond-bf16 --device cuda
 """
@@ -54,8 +55,8 @@ class BenchConfig:
     reward_model: str = field("default", "reward, as distill's --reward-model")
     device: str = field("cpu", "cpu or cuda")
     threads: int = field(0, "torch CPU threads (0: torch's default)")
-    parts: list[str] = field(list(PARTS), f"what to measure, in order: any of {', '.join(PARTS)}")
-    steps: int = field(3, "optimiser steps per trainer")
+    parts: list[str] = field([p for p in PARTS if p != "trl"], f"what to measure, in order: any of {', '.join(PARTS)}")
+    steps: int = field(2, "optimiser steps per trainer (the first includes warm-up)")
     prompts: int = field(8, "prompts per step (RLOO: each sampled --samples times)")
     samples: int = field(2, "RLOO completions per prompt")
     max_tokens: int = field(40, "most tokens per completion")

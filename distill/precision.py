@@ -8,12 +8,15 @@ most of a forward pass, and backward never enters it. With LoRA on every layer o
 no layer is frozen, and bf16 changes nothing.
 
 Why only the trunk: the losses read log-ratios between the policy, the anchor and the reference,
-which differ only in the adapted layers. A bf16 trunk perturbs all three alike; measured on the
-embedded default (40-token answers, LoRA r16 on the top 8 of 30 layers), it moves sequence
-log-probs by 0.14 nats on average and policy/anchor log-ratios by 0.01. Running every layer under
-autocast moved the log-ratios by 0.17 (the KL to the anchor is about 0.05 early in a run), and bf16
-weights without autocast (a bf16 residual stream) by 0.33. ``benchmarks/trainer_step.py`` reports
-the difference on the default task's prompts.
+which differ only in the adapted layers. A bf16 trunk perturbs all three alike. On the embedded
+default (LoRA r16 on the top 8 of 30 layers, 16 answers of ~38 tokens, after two J-BOND steps;
+``reports/bench/trainer_step.md``) it moved sequence log-probs by 0.085 nats on average (0.32 at
+most) and the policy/anchor and policy/reference log-ratios by 0.001 (0.002). In a first probe with
+random adapters, every layer under autocast moved the log-ratios by 0.17 on average, and bf16 weights
+without autocast (a bf16 residual stream) by 0.33, where the KL to the anchor early in a run is
+about 0.05: too coarse for the losses. The same benchmark measured what it buys on a shared 2-core
+CPU: the log-prob passes 1.46x faster, sampling hardly (small decoding batches), the default J-BOND
+step 0.94x the fp32 time.
 
 ``auto`` picks bf16 where it is native (``native_bf16``), fp32 elsewhere: a CPU without
 ``avx512_bf16`` / ``amx_bf16`` emulates bf16 matrix products, slower than fp32.
