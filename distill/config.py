@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from bonbench.cli import log_level_option
 from bonbench.config import field
+from distill.precision import PRECISIONS
 
 
 @dataclass
@@ -36,6 +37,9 @@ class TrainConfig:
                                             "(starts faster, decodes slower)")
     dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16")
     device: str = field("auto", "auto (cuda if available, else cpu), cpu or cuda")
+    precision: str = field("auto", "auto (bf16 where the device computes it natively: avx512_bf16/amx_bf16 CPUs, "
+                                   "bf16 GPUs; else fp32), fp32 or bf16: the frozen layers below the LoRA layers "
+                                   "run in bf16; adapters, LoRA weights and losses stay fp32 (distill/precision.py)")
     # -- data ---------------------------------------------------------------------------------
     task: str = field("default", "prompt set: 'default' (shipped news passages), 'xsum', or a dataset with XSum's columns")
     train_limit: int = field(0, "use only the first N training prompts (0: all)")
@@ -59,6 +63,8 @@ class TrainConfig:
     resume: bool = field(True, "continue from the run folder's checkpoint if there is one")
     threads: int = field(0, "torch CPU threads (0: torch's default)")
     log_level: str = log_level_option()
+    diagnostics: bool = field(False, "per step, also the gradient norm of each loss term and their cosines "
+                                     "(one extra backward pass per term; off: a step costs what it did)")
 
     def __post_init__(self) -> None:
         if self.batch_prompts % self.grad_accum:
@@ -78,5 +84,7 @@ class TrainConfig:
         if self.reward_model != "judge" and (self.judge_model or self.judge_base_url):
             raise ValueError(f"--judge-model and --judge-base-url configure --reward-model judge; the reward is "
                              f"{self.reward_model!r}, so the judge would never be asked")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError("vllm_gpu_memory_utilization is a share of the GPU's memory: in (0, 1]")

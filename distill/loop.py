@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from distill.config import TrainConfig
 from distill.generation import Generator, make_generator
 from distill.losses import LossOutput
 from distill.policy import Draw, Policies, Role
+from distill.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class Context:
         """Per draw, the candidates per prompt, each scored under the draw's ``score_under`` roles."""
         started = time.perf_counter()
         out = self.generator.generate(batch.ids, draws, self.cfg.max_tokens)
+        self.timings["sample_s"] = self.timings.get("sample_s", 0.0) + time.perf_counter() - started
         for d, rows in zip(draws, out):
             flat = [(p, c) for p, row in zip(batch.ids, rows) for c in row]
             for role in d.score_under:
@@ -94,7 +96,6 @@ class Context:
                     scores = self.policies.logprobs(role, [p for p, _ in todo], [c.token_ids for _, c in todo])
                     for (_, c), v in zip(todo, scores.tolist()):
                         c.logprob_under[role] = v
-        self.timings["sample_s"] = self.timings.get("sample_s", 0.0) + time.perf_counter() - started
         return out
 
     def weights_changed(self) -> None:
@@ -135,9 +136,11 @@ def build_context(cfg: TrainConfig, recipe: Recipe) -> Context:
     torch.manual_seed(cfg.seed)  # LoRA initialisation, the same in every process
     device = str(accelerator.device) if cfg.device == "auto" else cfg.device
     model, tokenizer = load_causal_lm(resolve_policy(cfg.model), cfg.dtype, device)
+    precision = resolve_precision(cfg.precision, device)
     policies = Policies(model, tokenizer, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                         lora_targets=cfg.lora_targets, lora_top_layers=cfg.lora_top_layers,
-                        with_anchor=recipe.needs_anchor)
+                        with_anchor=recipe.needs_anchor, precision=precision)
+    log.info("precision %s (--precision %s): %d frozen layers in bf16", precision, cfg.precision, policies.bf16_layers)
     policies.prepare(accelerator)
     reward = load_reward(cfg.reward_model, device=device, judge_model=cfg.judge_model or None,
                          judge_base_url=cfg.judge_base_url or None,
@@ -275,6 +278,31 @@ def _mean_over_processes(acc, values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, means.tolist()))
 
 
+def term_gradient_stats(terms: Mapping[str, torch.Tensor], params: Sequence[torch.Tensor]) -> dict[str, float]:
+    """How the parts of a loss pull on the trained weights: per term its gradient's norm
+    (``diag/grad_norm_<term>``), per pair of terms the cosine of their gradients
+    (``diag/grad_cos_<a>_<b>``; negative: they fight). One backward pass per term, with the graph
+    kept for the training backward that follows; ``.grad`` is left untouched. Empty for fewer than
+    two terms."""
+    if len(terms) < 2:
+        return {}
+    names = [n for n, t in terms.items() if t.requires_grad]
+    per_term = [torch.autograd.grad(terms[n], params, retain_graph=True, allow_unused=True) for n in names]
+    # Sums over parameters, one at a time: no flattened copy of the model per term.
+    dots = torch.zeros(len(names), len(names), dtype=torch.float64)
+    for k in range(len(params)):
+        g = torch.stack([(gs[k] if gs[k] is not None else torch.zeros_like(params[k])).flatten().double()
+                         for gs in per_term])
+        dots += (g @ g.T).cpu()
+    norms = dots.diagonal().sqrt()
+    out = {f"diag/grad_norm_{n}": float(norms[i]) for i, n in enumerate(names)}
+    for i, a in enumerate(names):
+        for j in range(i + 1, len(names)):
+            cos = dots[i, j] / (norms[i] * norms[j]) if norms[i] * norms[j] > 0 else torch.tensor(0.0)
+            out[f"diag/grad_cos_{a}_{names[j]}"] = float(cos)
+    return out
+
+
 def _micro_step(ctx: Context, recipe: Recipe, batch: Batch, seed: int, sync: bool, out: Path) -> dict[str, float]:
     """Loss and backward of one micro-batch; every process stops together on a non-finite loss."""
     acc, cfg = ctx.accelerator, ctx.cfg
@@ -285,11 +313,16 @@ def _micro_step(ctx: Context, recipe: Recipe, batch: Batch, seed: int, sync: boo
     if bad.item():
         raise TrainingError(f"non-finite loss {result.loss.item()} (metrics {result.metrics}); "
                             f"the last checkpoint in {out} is intact")
+    metrics = dict(result.metrics)
+    if cfg.diagnostics:
+        started = time.perf_counter()
+        metrics.update(term_gradient_stats(result.terms, ctx.policies.trainable_parameters()))
+        ctx.timings["diagnostics_s"] = ctx.timings.get("diagnostics_s", 0.0) + time.perf_counter() - started
     started = time.perf_counter()
     with contextlib.nullcontext() if sync else acc.no_sync(ctx.policies.train_model):
         acc.backward(result.loss / cfg.grad_accum)
     ctx.timings["backward_s"] = ctx.timings.get("backward_s", 0.0) + time.perf_counter() - started
-    return result.metrics
+    return metrics
 
 
 def train(cfg: TrainConfig, recipe: Recipe, ctx: Context | None = None) -> Path:
@@ -341,6 +374,7 @@ def _train(cfg: TrainConfig, recipe: Recipe, ctx: Context) -> Path:
     for step in bar:
         started = time.perf_counter()
         ctx.timings.clear()
+        ctx.policies.timings.clear()
         indices = step_indices(len(train_set.ids), cfg.batch_prompts, step, cfg.seed)
         sums: dict[str, float] = {}
         for m in range(cfg.grad_accum):
@@ -356,10 +390,13 @@ def _train(cfg: TrainConfig, recipe: Recipe, ctx: Context) -> Path:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        anchor_started = time.perf_counter()
         recipe.after_step(ctx, step + 1)
         ctx.weights_changed()
+        ctx.timings["anchor_update_s"] = time.perf_counter() - anchor_started
         row = _mean_over_processes(acc, {**sums, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                                         "step_s": time.perf_counter() - started, **ctx.timings})
+                                         "step_s": time.perf_counter() - started, **ctx.timings,
+                                         **ctx.policies.timings})
         last = step + 1 == cfg.steps
         if main:
             metrics_log.write(step + 1, row)

@@ -23,7 +23,8 @@ and ``best_of_n_weights`` which samples a loss reads, and score only those.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from types import MappingProxyType
+from typing import Mapping, NamedTuple
 
 import torch
 
@@ -36,10 +37,18 @@ JBOND_PENALTY = math.log(16.0)
 
 
 class LossOutput(NamedTuple):
-    """A scalar loss to call ``backward()`` on, and detached statistics of the batch."""
+    """A scalar loss to call ``backward()`` on, detached statistics of the batch, and the loss's
+    weighted parts (``terms``, summing to ``loss``, graph attached) where it has several: the
+    training loop's ``--diagnostics`` reads each part's gradient."""
 
     loss: Tensor
     metrics: dict[str, float]
+    terms: Mapping[str, Tensor] = MappingProxyType({})
+
+
+def _weighted_terms(**weighted: tuple[float, Tensor | None]) -> dict[str, Tensor]:
+    """``{name: weight * term}`` for the terms that enter the loss (present, non-zero weight)."""
+    return {name: w * t for name, (w, t) in weighted.items() if t is not None and w != 0.0}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -235,9 +244,11 @@ def jbond_loss(
         "return_mean": returns.mean().item(),
         "penalised_fraction": (r_j < 0).double().mean().item(),
         "kl_anchor_estimate": log_ratio.mean().item(),
+        "advantage_std": (returns - baseline).std().item() if num_prompts > 1 else 0.0,
         "reward_mean": rewards.double().mean().item(),
     }
-    return LossOutput(loss, metrics)
+    terms = _weighted_terms(forward=(1.0 - beta, forward), backward=(beta, backward), regulariser=(gamma, regulariser))
+    return LossOutput(loss, metrics, terms)
 
 
 # ----------------------------------------------------------------------------- BOND
@@ -335,7 +346,7 @@ def bond_loss(
     else:
         loss = (1.0 - beta) * forward + beta * backward
     metrics["loss"] = loss.item()
-    return LossOutput(loss, metrics)
+    return LossOutput(loss, metrics, _weighted_terms(forward=(1.0 - beta, forward), backward=(beta, backward)))
 
 
 def vbon_loss(
@@ -447,6 +458,7 @@ def bonbon_loss(
     gap = (log_ratio.gather(1, best) - log_ratio.gather(1, worst)).squeeze(1)
     sft = -policy_logprobs.gather(1, best).squeeze(1)
     target = float(bonbon_gap(n))  # 1/(2β*) = (n - 1) · Σ_{k<n} 1/k
+    terms = _weighted_terms(sft=(alpha, sft.mean()), gap=(1.0 - alpha, ((gap - target) ** 2).mean()))
     loss = (alpha * sft + (1.0 - alpha) * (gap - target) ** 2).mean()
     metrics = {
         "loss": loss.item(),
@@ -454,4 +466,4 @@ def bonbon_loss(
         "gap_mean": gap.mean().item(),
         "gap_target": target,
     }
-    return LossOutput(loss, metrics)
+    return LossOutput(loss, metrics, terms)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -19,6 +21,9 @@ import torch
 from bonbench.backends.sampling import BASE
 from bonbench.backends.transformers import eos_ids
 from bonbench.logprobs import sequence_logprobs
+from distill.precision import Precision, bf16_frozen_trunk
+
+log = logging.getLogger(__name__)
 
 Role = Literal["policy", "anchor", "ref"]
 _ADAPTER = {"policy": "policy", "anchor": "anchor", "ref": BASE}
@@ -38,8 +43,10 @@ class Draw:
 
 class Policies:
     def __init__(self, model, tokenizer, *, lora: bool, lora_r: int = 16, lora_alpha: int = 32,
-                 lora_targets: list[str] | None = None, lora_top_layers: int = 0, with_anchor: bool = True):
+                 lora_targets: list[str] | None = None, lora_top_layers: int = 0, with_anchor: bool = True,
+                 precision: Precision = "fp32"):
         self.tokenizer = tokenizer
+        self.timings: dict[str, float] = {}  # logprob_s: seconds in ``logprobs`` since the owner last cleared it
         self.lora = lora
         self.with_anchor = with_anchor
         self.eos = eos_ids(model, tokenizer)
@@ -62,6 +69,10 @@ class Policies:
             self.ref_model = copy.deepcopy(model).requires_grad_(False)
             self.anchor_model = copy.deepcopy(model).requires_grad_(False) if with_anchor else None
         self.train_model = self.model
+        # bf16 for the layers nothing trains (distill/precision.py); all of them are frozen base layers.
+        self.bf16_layers = bf16_frozen_trunk(self.model) if precision == "bf16" else 0
+        if precision == "bf16" and not self.bf16_layers:
+            log.warning("precision bf16: every layer trains (LoRA on all layers or full fine-tuning), so all run in fp32")
         self.model.eval()  # no dropout: sampled and scored log-probabilities are the same policy
 
     # -- roles ------------------------------------------------------------------------------
@@ -104,10 +115,13 @@ class Policies:
     def logprobs(self, role: Role, prompts: list[list[int]], answers: list[list[int]], *, grad: bool = False,
                  batch_size: int = 16) -> torch.Tensor:
         """Per-sequence log pi(answer | prompt) under the role, shape (len(answers),)."""
+        started = time.perf_counter()
         with self._role(role) as model, torch.set_grad_enabled(grad):
             if grad and role == "policy":
                 model = self.train_model  # under DDP, the wrapper whose backward syncs gradients
-            return sequence_logprobs(model, self.tokenizer, prompts, answers, batch_size=batch_size)
+            out = sequence_logprobs(model, self.tokenizer, prompts, answers, batch_size=batch_size)
+        self.timings["logprob_s"] = self.timings.get("logprob_s", 0.0) + time.perf_counter() - started
+        return out
 
     def prepare(self, accelerator) -> None:
         """Let ``accelerate`` wrap the trained model (DDP when several processes run)."""
