@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MATH_MODULES = ("bonbench/bon.py", "distill/losses.py", "distill/testbed.py")
 # Numerical libraries and the standard library's pure helpers; nothing that opens files or sockets.
 MATH_MAY_IMPORT = {
-    "__future__", "collections", "copy", "dataclasses", "functools", "itertools", "math", "typing",
+    "__future__", "collections", "copy", "dataclasses", "functools", "itertools", "math", "types", "typing",
     "numpy", "scipy", "torch", "bonbench.bon", "distill.losses",
 }
 
