@@ -1,8 +1,9 @@
 """In-process generation with Hugging Face transformers (the CPU default).
 
-Requests from concurrent clients are queued and one worker thread serves them in batches:
-whatever is waiting when the model becomes free goes into the next batch (up to
-``max_batch_rows`` candidates), so N candidates of one request and several requests run together.
+Requests from concurrent clients are queued and one worker thread drives a continuously batched
+``bonbench.backends.engine.Engine``: at every decoding step, requests that arrived join the batch
+(up to ``max_batch_rows`` candidates; their prompts prefilled in chunks within ``max_batch_tokens``
+tokens per step) and finished ones leave, so a short request never waits for a long batch to end.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import threading
 from dataclasses import dataclass, field
 
 from bonbench.backends.base import Generation, Prompt, SamplingParams, check_context, is_chat
-from bonbench.backends.sampling import SampleRequest, sample
+from bonbench.backends.engine import Engine
+from bonbench.backends.rows import SampleRequest
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,8 @@ class _Job:
             else:
                 self.future.set_result(result)
 
-        self.loop.call_soon_threadsafe(_set)
+        if not self.loop.is_closed():  # else whoever awaited it has gone (its event loop ended)
+            self.loop.call_soon_threadsafe(_set)
 
 
 def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu", adapter_base: str | None = None):
@@ -95,12 +98,16 @@ def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
 class TransformersBackend:
     """Samples in-process; one worker thread owns the model."""
 
-    def __init__(self, model, tokenizer, model_name: str, *, max_batch_rows: int = 64):
+    def __init__(self, model, tokenizer, model_name: str, *, max_batch_rows: int = 64, max_batch_tokens: int = 512):
+        if max_batch_tokens <= max_batch_rows:
+            raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must exceed max_batch_rows ({max_batch_rows})")
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_batch_rows = max_batch_rows
+        self.max_batch_tokens = max_batch_tokens
         self._eos = eos_ids(model, tokenizer)
+        self._engine = self._new_engine()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._serve, name="bonbench-generate", daemon=True)
         self._worker.start()
@@ -113,6 +120,11 @@ class TransformersBackend:
     @property
     def max_context(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
+
+    @property
+    def running_rows(self) -> int:
+        """Rows decoding at this moment (read from another thread: a snapshot)."""
+        return self._engine.running_rows
 
     def count_prompt_tokens(self, prompt: Prompt) -> int:
         return len(encode_prompt(self.tokenizer, prompt))
@@ -137,33 +149,37 @@ class TransformersBackend:
 
     # -- worker thread ------------------------------------------------------------------------
 
-    def _next_batch(self) -> list[_Job] | None:
-        first = self._queue.get()
-        if first is None:
-            return None
-        batch, rows = [first], first.request.params.n
-        while rows < self.max_batch_rows:
+    def _new_engine(self) -> Engine:
+        return Engine(self.model, self.tokenizer, self._eos, max_rows=self.max_batch_rows,
+                      max_step_tokens=self.max_batch_tokens)
+
+    def _take_queued(self, block: bool) -> bool:
+        """Hand queued jobs to the engine (waiting for one if ``block``); False once asked to stop."""
+        while True:
             try:
-                job = self._queue.get_nowait()
+                job = self._queue.get(block=block)
             except queue.Empty:
-                break
+                return True
             if job is None:
-                self._queue.put(None)  # stop after this batch
-                break
-            batch.append(job)
-            rows += job.request.params.n
-        return [j for j in batch if not j.cancelled.is_set()]
+                return False
+            block = False
+            if job.cancelled.is_set():
+                continue
+            try:
+                self._engine.add(job.request, job.resolve, lambda exc, job=job: job.resolve(error=exc))
+            except ValueError as exc:
+                job.resolve(error=exc)
 
     def _serve(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            if not batch:
+        running = True
+        while running or not self._engine.idle:
+            if running:
+                running = self._take_queued(block=self._engine.idle)
+            if self._engine.idle:
                 continue
             try:
-                results = sample(self.model, self.tokenizer, [j.request for j in batch], self._eos)
-            except Exception as exc:  # one bad batch fails its requests, not the worker
+                self._engine.step()
+            except Exception as exc:  # a failed step fails the requests inside, not the worker
                 log.exception("generation failed")
-                for job in batch:
-                    job.resolve(error=RuntimeError(f"{type(exc).__name__}: {exc}"))
-                continue
-            for job, candidates in zip(batch, results):
-                job.resolve(candidates)
+                engine, self._engine = self._engine, self._new_engine()
+                engine.fail(RuntimeError(f"{type(exc).__name__}: {exc}"))
