@@ -42,13 +42,15 @@ class _Job:
             self.loop.call_soon_threadsafe(_set)
 
 
-def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu", adapter_base: str | None = None):
+def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu", adapter_base: str | None = None, *,
+                   for_serving: bool = False):
     """Load a model and its tokenizer from a Hugging Face id or folder, ready for sampling.
 
     A folder holding a PEFT LoRA adapter (``adapter_config.json``, as ``distill`` saves) is loaded
     onto its base model and merged, so a distilled policy serves and measures like any model. The
     base is ``adapter_base`` if given (``bonbench measure`` puts the adapter on the reference it
-    compares with), else the one the adapter names.
+    compares with), else the one the adapter names. ``for_serving`` lets ``dtype="auto"`` pick
+    bfloat16 on a CPU that computes it natively (``bonbench.models.pick_dtype``).
     """
     import json
     from pathlib import Path
@@ -57,6 +59,7 @@ def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu", adapter_
 
     from bonbench.models import pick_dtype
 
+    torch_dtype = pick_dtype(dtype, device, for_serving=for_serving)
     adapter = Path(path) / "adapter_config.json"
     declared = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else None
     # an adapter saved by peft alone has no tokenizer: the base's is the one it was trained with
@@ -67,10 +70,10 @@ def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu", adapter_
 
         if adapter_base and adapter_base != declared:
             log.info("LoRA adapter %s goes on %s (it names %s as its base)", path, adapter_base, declared)
-        model = AutoModelForCausalLM.from_pretrained(adapter_base or declared, dtype=pick_dtype(dtype, device))
+        model = AutoModelForCausalLM.from_pretrained(adapter_base or declared, dtype=torch_dtype)
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, device))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     model.to(device).eval()
     return model, tokenizer
 
@@ -114,7 +117,7 @@ class TransformersBackend:
 
     @classmethod
     def from_pretrained(cls, path: str, model_name: str | None = None, dtype: str = "auto", device: str = "cpu", **kw):
-        model, tokenizer = load_causal_lm(path, dtype, device)
+        model, tokenizer = load_causal_lm(path, dtype, device, for_serving=True)
         return cls(model, tokenizer, model_name or path, **kw)
 
     @property

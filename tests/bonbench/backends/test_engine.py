@@ -96,7 +96,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_keeps_decoding(lm)
     # five steps of ten prompt tokens each, the four running rows decoding at every one of them
     assert rows_per_step[:4] == [4, 4, 4, 4] and rows_per_step[4] == 5
     assert len(rows_per_step) == 4 + 3  # then its three tokens, one per step
-    assert [c.token_ids for c in engine.done["long prompt"]] == alone(lm, SampleRequest(prompt.prompt_ids, prompt.params))
+    expected = alone(lm, SampleRequest(prompt.prompt_ids, prompt.params))
+    assert [c.token_ids for c in engine.done["long prompt"]] == expected
 
 
 def test_the_row_budget_holds_a_request_back_until_rows_free_up(lm):

@@ -89,7 +89,8 @@ def test_a_chat_prompt_for_a_model_without_chat_template_is_a_value_error(backen
 
 def test_a_short_request_sent_while_a_long_batch_decodes_comes_back_before_it(backend):
     async def scenario():
-        long = asyncio.ensure_future(backend.generate("Write a long story", SamplingParams(n=8, max_tokens=1500, seed=0)))
+        params = SamplingParams(n=8, max_tokens=1500, seed=0)
+        long = asyncio.ensure_future(backend.generate("Write a long story", params))
         while backend.running_rows == 0:  # wait until the long batch decodes
             await asyncio.sleep(0.01)
         short = await backend.generate("Quick", SamplingParams(n=8, max_tokens=3, seed=1))
