@@ -11,10 +11,12 @@ An ``Engine`` holds one decoding batch. Each ``step()``
 3. draws one token for every row, lets finished (and cancelled) rows leave, hands back each
    request whose rows are all finished, and runs one decoding forward pass for the rest.
 
-Rows are left-padded to a common width in a ``bonbench.backends.kv`` cache that is written in
-place; positions come from the attention mask, so a row that joins late continues exactly as it
-would alone (up to float rounding). Each row draws from its own generator: a seeded request's
-tokens do not depend on which requests share its batch, or on when it joined.
+The batch keeps each prompt's keys and values once, however many candidates continue it, and each
+row's own tokens apart (``bonbench.backends.shared_prefix``: the candidates attend to one copy of
+their prompt); both are written in place (``bonbench.backends.kv``). Positions are counted per
+row, so a row that joins late continues exactly as it would alone (up to float rounding). Each row
+draws from its own generator: a seeded request's tokens do not depend on which requests share its
+batch, or on when it joined.
 
 With ``adapters=True`` every request names a PEFT adapter (``rows.BASE`` for none) and each
 forward pass runs the rows under their own adapters (PEFT's mixed-adapter batches).
@@ -33,6 +35,7 @@ from bonbench.backends import kv
 from bonbench.backends.base import Candidate
 from bonbench.backends.prefill import forward_with_adapters
 from bonbench.backends.rows import Row, SampleRequest, candidates, cut_at_stop, draw, process_logits, request_rows
+from bonbench.backends.shared_prefix import ATTENTION, SharedPrefixCache, attention_of
 
 
 @dataclass(eq=False)
@@ -79,8 +82,7 @@ class Engine:
         self._prefills: list[_Prefill] = []
         self._rows: list[Row] = []
         self._owner: dict[int, _Pending] = {}  # id(row) -> its request
-        self._cache = None
-        self._mask: torch.Tensor | None = None  # (rows, width)
+        self._cache: SharedPrefixCache | None = None
         self._logits: torch.Tensor | None = None  # (rows, V): next-token logits of every row
 
     # -- the public surface ------------------------------------------------------------------
@@ -181,17 +183,14 @@ class Engine:
                 self._join(p)
 
     def _join(self, p: _Prefill) -> None:
-        """Copy the prefilled prompt's keys and values to its members' rows and add them to the batch."""
+        """Add the prefilled prompt to the batch (once per adapter) and its members' rows after it."""
         slot = {a: i for i, a in enumerate(p.adapters)}
         rows = [row for m in p.members for row in m.rows]
-        index = torch.tensor([slot[row.adapter] for row in rows], device=self.device)
-        joining = kv.new_cache()
-        joining.layers = [kv.BufferLayer() for _ in p.cache.layers]
-        for mine, prefilled in zip(joining.layers, p.cache.layers):
-            mine.set(prefilled.keys[index], prefilled.values[index], len(p.prompt) + kv.HEADROOM)
-        mask = torch.ones((len(rows), len(p.prompt)), dtype=torch.long, device=self.device)
-        self._cache, self._mask = kv.join(self._cache, self._mask, joining, mask)
-        logits = p.logits[index]
+        row_slots = [slot[row.adapter] for row in rows]
+        if self._cache is None:
+            self._cache = SharedPrefixCache()
+        self._cache.add_prompt(p.cache, row_slots)
+        logits = p.logits[torch.tensor(row_slots, device=self.device)]
         self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
         self._rows += rows
         for m in p.members:
@@ -214,15 +213,15 @@ class Engine:
             if not keep:
                 self._drop_batch()
                 return
-            index = torch.tensor(keep, device=self.device)
-            self._mask = kv.select(self._cache, self._mask, index)
+            self._cache.select(torch.tensor(keep, device=self.device))
             self._rows = [self._rows[i] for i in keep]
             tokens = tokens[keep]
-        self._mask = torch.cat([self._mask, self._mask.new_ones((self._mask.shape[0], 1))], dim=-1)
-        out = forward_with_adapters(
-            self.model, [row.adapter for row in self._rows] if self.adapters else None,
-            input_ids=tokens[:, None].to(self.device), attention_mask=self._mask,
-            position_ids=self._mask.sum(-1, keepdim=True) - 1, past_key_values=self._cache, use_cache=True)
+        mask, positions = self._cache.next_step()
+        with attention_of(self.model, ATTENTION):
+            out = forward_with_adapters(
+                self.model, [row.adapter for row in self._rows] if self.adapters else None,
+                input_ids=tokens[:, None].to(self.device), attention_mask=mask, position_ids=positions,
+                past_key_values=self._cache, use_cache=True, shared_prefix=self._cache)
         self._logits = out.logits[:, -1, :].float()
 
     def _advance(self, row: Row, token: int, logprob: float) -> bool:
@@ -244,4 +243,4 @@ class Engine:
 
     def _drop_batch(self) -> None:
         self._rows, self._owner = [], {}
-        self._cache = self._mask = self._logits = None
+        self._cache = self._logits = None

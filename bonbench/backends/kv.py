@@ -1,4 +1,4 @@
-"""A key/value cache that is written in place, for a batch whose rows come and go.
+"""Key/value storage written in place, for a batch whose rows come and go.
 
 transformers' ``DynamicLayer`` grows by ``torch.cat`` at every decoding step, which copies the whole
 cache each time: with 64 rows of a 300-token prompt on SmolLM2-135M that is ~0.9 GB of copying
@@ -6,12 +6,8 @@ per step. ``StaticLayer`` preallocates, but for a fixed batch and one shared wri
 a batch that rows join and leave cannot keep. ``BufferLayer`` sits between the two: its keys and
 values live in a buffer with spare columns; a step writes its column in place and attention reads a
 view of the filled part. The buffer is reallocated (with headroom) only when it is full or when the
-batch changes (rows leave: ``select``; rows join: ``join``), which happens at a small fraction of
-the steps.
-
-Rows are left-padded to a common width ``W``; an attention mask of shape ``(rows, W)`` marks the
-real columns. ``join`` lays two batches side by side, ``select`` keeps some rows; both drop the
-leading columns that have become padding in every row.
+batch changes (``bonbench.backends.shared_prefix.SharedPrefixCache`` adds and drops rows), which
+happens at a small fraction of the steps. Prompts being prefilled use it too, chunk after chunk.
 """
 
 from __future__ import annotations
@@ -59,7 +55,7 @@ class BufferLayer(DynamicLayer):
         self.is_initialized = True
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("use bonbench.backends.kv.select, which keeps the mask in step")
+        raise NotImplementedError("rows are selected by their batch (SharedPrefixCache.select), masks and all")
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a BufferLayer is not cropped")
@@ -87,40 +83,14 @@ def check_full_attention(model) -> None:
                                   f"{sorted(kinds)} cache layers (use --backend vllm)")
 
 
-def _lead(mask: torch.Tensor) -> int:
-    """Leading columns that are padding in every row."""
+def lead_padding(mask: torch.Tensor) -> int:
+    """Leading columns of a ``(rows, width)`` mask that are padding in every row."""
     used = mask.any(0)
     return int(used.long().argmax()) if bool(used.any()) else mask.shape[1]
 
 
-def select(cache: Cache, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Keep ``rows`` of the batch (in that order); returns their mask, leading padding dropped."""
-    mask = mask[rows]
-    lead = _lead(mask)
-    for layer in cache.layers:
-        keys, values = layer.keys[rows, :, lead:], layer.values[rows, :, lead:]
-        layer.set(keys, values, keys.shape[-2] + HEADROOM)
-    return mask[:, lead:]
-
-
-def join(cache: Cache | None, mask: torch.Tensor | None, other: Cache, other_mask: torch.Tensor,
-         ) -> tuple[Cache, torch.Tensor]:
-    """Lay ``other``'s rows after ``cache``'s, both left-padded to the wider; returns the joined cache and mask.
-
-    ``cache`` may be ``None`` (an empty batch): ``other`` is then the batch.
-    """
-    if cache is None or mask is None:
-        return other, other_mask
-    width = max(mask.shape[1], other_mask.shape[1])
-    joined_mask = torch.cat([_left_pad(mask, width), _left_pad(other_mask, width)])
-    for mine, theirs in zip(cache.layers, other.layers):
-        keys = torch.cat([_left_pad(mine.keys, width, dim=2), _left_pad(theirs.keys, width, dim=2)])
-        values = torch.cat([_left_pad(mine.values, width, dim=2), _left_pad(theirs.values, width, dim=2)])
-        mine.set(keys, values, width + HEADROOM)
-    return cache, joined_mask
-
-
-def _left_pad(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+def left_pad(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    """``tensor`` with zeros prepended along ``dim`` up to ``width``."""
     missing = width - tensor.shape[dim]
     if missing == 0:
         return tensor
