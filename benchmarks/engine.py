@@ -282,8 +282,9 @@ def mixed_section(cfg: EngineBenchConfig) -> list[dict]:
         short, long = latency["short"], latency["long"]
         results.append(dict(dtype=dtype, batching=name, short_p50_s=statistics.median(short), short_p95_s=_p95(short),
                             long_mean_s=statistics.fmean(long)))
-        print(f"  mixed, {name:18s}: short p50 {results[-1]['short_p50_s']:.2f} s, p95 {results[-1]['short_p95_s']:.2f} s;"
-              f" long mean {results[-1]['long_mean_s']:.2f} s", flush=True)
+        row = results[-1]
+        print(f"  mixed, {name:18s}: short p50 {row['short_p50_s']:.2f} s, p95 {row['short_p95_s']:.2f} s; "
+              f"long mean {row['long_mean_s']:.2f} s", flush=True)
     return results
 
 
@@ -324,7 +325,8 @@ def report(cfg: EngineBenchConfig, results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(EngineBenchConfig, argv, prog="python benchmarks/engine.py", description=__doc__.split("\n\n")[0])
+    cfg = parse_config(EngineBenchConfig, argv, prog="python benchmarks/engine.py",
+                       description=__doc__.split("\n\n")[0])
     run = {"bon": bon_section, "plain": plain_section, "mixed": mixed_section}
     results = {}
     for section in cfg.section_list:

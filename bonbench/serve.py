@@ -41,8 +41,11 @@ class ServeConfig:
     max_prompt_tokens: int = field(4096, "longest prompt accepted, in tokens")
     max_in_flight: int = field(256, "requests accepted at once; more are answered 503")
     max_batch_rows: int = field(64, "transformers backend: most candidates decoded in one batch")
+    max_batch_tokens: int = field(512, "transformers backend: tokens per step, one per decoding row plus prompt "
+                                       "chunks prefilled")
     device: str = field("cpu", "cpu or cuda[:i]")
-    dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16")
+    dtype: str = field("auto", "auto (bf16 on GPUs and CPUs that compute it natively, else fp32), float32, "
+                       "bfloat16, float16")
     threads: int = field(0, "torch CPU threads (0: torch's default)")
     gpu_memory_utilization: float = field(0.9, "vllm backend: share of GPU memory for the engine")
     log_level: str = field("info", "debug, info, warning or error")
@@ -86,7 +89,8 @@ def build_service(cfg: ServeConfig):
             from bonbench.backends.transformers import TransformersBackend
 
             backend = TransformersBackend.from_pretrained(path, name, dtype=cfg.dtype, device=cfg.device,
-                                                          max_batch_rows=cfg.max_batch_rows)
+                                                          max_batch_rows=cfg.max_batch_rows,
+                                                          max_batch_tokens=cfg.max_batch_tokens)
     reward = load_reward(cfg.reward_model, device=cfg.device, judge_model=cfg.judge_model or None,
                          judge_base_url=cfg.judge_base_url or None, judge_api_key=cfg.judge_api_key or None)
     limits = Limits(default_best_of=cfg.n, max_best_of=cfg.max_best_of, default_max_tokens=cfg.default_max_tokens,

@@ -1,7 +1,8 @@
 """Batched ancestral sampling from a Hugging Face causal LM, with per-row settings.
 
 One call takes several prompts, each with its own ``SamplingParams``. Each prompt is prefilled
-once and its ``n`` candidates attend to that one copy of its keys and values. Rows that finish are dropped from the batch, so short answers stop costing compute.
+once and its ``n`` candidates attend to that one copy of its keys and values. Rows that finish
+are dropped from the batch, so short answers stop costing compute.
 Each candidate draws from its own ``torch.Generator``: with a seed, its tokens do not depend on
 which other requests happened to share the batch.
 

@@ -33,6 +33,7 @@ def test_auto_is_bf16_on_a_native_bf16_cpu_only_for_serving():
     assert native == cpu_has_native_bf16(this_cpu_flags())
     assert pick_dtype("auto", "cpu", for_serving=True) == (torch.bfloat16 if native else torch.float32)
     assert pick_dtype("auto", "cpu") == torch.float32  # training and measure keep float32 unless asked
-    assert pick_dtype("bfloat16", "cpu") == torch.bfloat16 and pick_dtype("float32", "cpu", for_serving=True) == torch.float32
+    assert pick_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert pick_dtype("float32", "cpu", for_serving=True) == torch.float32
     with pytest.raises(ValueError, match="unknown dtype"):
         pick_dtype("float7", "cpu")
