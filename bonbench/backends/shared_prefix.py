@@ -47,8 +47,14 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
                                       **kwargs)
     if query.shape[2] != 1:
         raise ValueError("shared-prefix attention decodes one token per row")
-    c = shared_prefix
-    layer = c.layers[module.layer_idx]
+    # oneDNN builds a kernel for every new shape it sees, and these shapes change at every step: the
+    # first pass through a run's lengths took 30x longer with it than without it
+    with torch.backends.mkldnn.flags(enabled=False):
+        return _decode_attention(module.layer_idx, query, key, value, attention_mask, scaling, shared_prefix)
+
+
+def _decode_attention(layer_idx, query, key, value, attention_mask, scaling, c: SharedPrefixCache):
+    layer = c.layers[layer_idx]
     rows, q_heads, _, dim = query.shape
     kv_heads = key.shape[1]
     per_kv = q_heads // kv_heads
