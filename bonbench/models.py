@@ -163,16 +163,25 @@ def served_name(name_or_path: str) -> str:
     return name_or_path.rstrip("/")
 
 
-def pick_dtype(requested: str, device: str):
-    """``auto``: bfloat16 on a GPU that supports it, float32 elsewhere."""
+def pick_dtype(requested: str, device: str, *, for_serving: bool = False):
+    """The torch dtype for ``requested`` ("auto", "float32", "bfloat16", "float16") on ``device``.
+
+    ``auto``: bfloat16 on a GPU that supports it; on a CPU with native bfloat16 (AVX-512 BF16 or
+    AMX, ``bonbench.hardware``) only ``for_serving`` (the server's and the in-process sampler's
+    generation), since training and ``bonbench measure`` keep float32 there unless asked: their
+    gradients and stored pools were made in float32 and ``auto`` must go on meaning the same. Else
+    float32.
+    """
     import torch
+
+    from bonbench.hardware import native_bf16
 
     if requested != "auto":
         try:
             return getattr(torch, requested)
         except AttributeError:
             raise ValueError(f"unknown dtype {requested!r}; use auto, float32, bfloat16 or float16") from None
-    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if native_bf16(device) and (device.startswith("cuda") or for_serving):
         return torch.bfloat16
     return torch.float32
 

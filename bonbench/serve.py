@@ -43,8 +43,11 @@ class ServeConfig:
     max_in_flight: int = field(256, "requests accepted at once; more are answered 503")
     max_body_mb: float = field(8.0, "largest request body accepted, in MB (2^20 bytes); larger ones get a 413, unread")
     max_batch_rows: int = field(64, "transformers backend: most candidates decoded in one batch")
+    max_batch_tokens: int = field(512, "transformers backend: tokens per step, one per decoding row plus prompt "
+                                       "chunks prefilled")
     device: str = field("cpu", "cpu or cuda[:i]")
-    dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16")
+    dtype: str = field("auto", "auto (bf16 on GPUs and CPUs that compute it natively, else fp32), float32, "
+                       "bfloat16, float16")
     threads: int = field(0, "torch CPU threads (0: torch's default)")
     gpu_memory_utilization: float = field(0.9, "vllm backend: share of GPU memory for the engine")
     log_level: str = log_level_option()
@@ -90,7 +93,8 @@ def build_service(cfg: ServeConfig):
             from bonbench.backends.transformers import TransformersBackend
 
             backend = TransformersBackend.from_pretrained(path, name, dtype=cfg.dtype, device=cfg.device,
-                                                          max_batch_rows=cfg.max_batch_rows)
+                                                          max_batch_rows=cfg.max_batch_rows,
+                                                          max_batch_tokens=cfg.max_batch_tokens)
     # After the backend: vLLM claims its share of GPU memory before a reward model takes any.
     reward = load_reward(cfg.reward_model, device=cfg.device, judge_model=cfg.judge_model or None,
                          judge_base_url=cfg.judge_base_url or None, judge_api_key=cfg.judge_api_key or None)

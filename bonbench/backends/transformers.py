@@ -1,8 +1,9 @@
 """In-process generation with Hugging Face transformers (the CPU default).
 
-Requests from concurrent clients are queued and one worker thread serves them in batches:
-whatever is waiting when the model becomes free goes into the next batch (up to
-``max_batch_rows`` candidates), so N candidates of one request and several requests run together.
+Requests from concurrent clients are queued and one worker thread drives a continuously batched
+``bonbench.backends.engine.Engine``: at every decoding step, requests that arrived join the batch
+(up to ``max_batch_rows`` candidates; their prompts prefilled in chunks within ``max_batch_tokens``
+tokens per step) and finished ones leave, so a short request never waits for a long batch to end.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import threading
 from dataclasses import dataclass, field
 
 from bonbench.backends.base import CancelledWork, Generation, Prompt, SamplingParams, check_context, is_chat
-from bonbench.backends.sampling import SampleRequest, sample
+from bonbench.backends.engine import Engine
+from bonbench.backends.rows import SampleRequest
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +38,19 @@ class _Job:
             else:
                 self.future.set_result(result)
 
-        self.loop.call_soon_threadsafe(_set)
+        if not self.loop.is_closed():  # else whoever awaited it has gone (its event loop ended)
+            self.loop.call_soon_threadsafe(_set)
 
 
-def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu", adapter_base: str | None = None):
+def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu", adapter_base: str | None = None, *,
+                   for_serving: bool = False):
     """Load a model and its tokenizer from a Hugging Face id or folder, ready for sampling.
 
     A folder holding a PEFT LoRA adapter (``adapter_config.json``, as ``distill`` saves) is loaded
     onto its base model and merged, so a distilled policy serves and measures like any model. The
     base is ``adapter_base`` if given (``bonbench measure`` puts the adapter on the reference it
-    compares with), else the one the adapter names.
+    compares with), else the one the adapter names. ``for_serving`` lets ``dtype="auto"`` pick
+    bfloat16 on a CPU that computes it natively (``bonbench.models.pick_dtype``).
     """
     import json
     from pathlib import Path
@@ -54,6 +59,7 @@ def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu", adapter_
 
     from bonbench.models import pick_dtype
 
+    torch_dtype = pick_dtype(dtype, device, for_serving=for_serving)
     adapter = Path(path) / "adapter_config.json"
     declared = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else None
     # an adapter saved by peft alone has no tokenizer: the base's is the one it was trained with
@@ -64,10 +70,10 @@ def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu", adapter_
 
         if adapter_base and adapter_base != declared:
             log.info("LoRA adapter %s goes on %s (it names %s as its base)", path, adapter_base, declared)
-        model = AutoModelForCausalLM.from_pretrained(adapter_base or declared, dtype=pick_dtype(dtype, device))
+        model = AutoModelForCausalLM.from_pretrained(adapter_base or declared, dtype=torch_dtype)
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, device))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     model.to(device).eval()
     return model, tokenizer
 
@@ -95,12 +101,16 @@ def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
 class TransformersBackend:
     """Samples in-process; one worker thread owns the model."""
 
-    def __init__(self, model, tokenizer, model_name: str, *, max_batch_rows: int = 64):
+    def __init__(self, model, tokenizer, model_name: str, *, max_batch_rows: int = 64, max_batch_tokens: int = 512):
+        if max_batch_tokens <= max_batch_rows:
+            raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must exceed max_batch_rows ({max_batch_rows})")
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_batch_rows = max_batch_rows
+        self.max_batch_tokens = max_batch_tokens
         self._eos = eos_ids(model, tokenizer)
+        self._engine = self._new_engine()
         self.cancelled_work = CancelledWork()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._serve, name="bonbench-generate", daemon=True)
@@ -108,12 +118,17 @@ class TransformersBackend:
 
     @classmethod
     def from_pretrained(cls, path: str, model_name: str | None = None, dtype: str = "auto", device: str = "cpu", **kw):
-        model, tokenizer = load_causal_lm(path, dtype, device)
+        model, tokenizer = load_causal_lm(path, dtype, device, for_serving=True)
         return cls(model, tokenizer, model_name or path, **kw)
 
     @property
     def max_context(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
+
+    @property
+    def running_rows(self) -> int:
+        """Rows decoding at this moment (read from another thread: a snapshot)."""
+        return self._engine.running_rows
 
     def count_prompt_tokens(self, prompt: Prompt) -> int:
         return len(encode_prompt(self.tokenizer, prompt))
@@ -138,37 +153,44 @@ class TransformersBackend:
 
     # -- worker thread ------------------------------------------------------------------------
 
-    def _next_batch(self) -> list[_Job] | None:
-        first = self._queue.get()
-        if first is None:
-            return None
-        batch, rows = [first], first.request.params.n
-        while rows < self.max_batch_rows:
+    def _new_engine(self) -> Engine:
+        return Engine(self.model, self.tokenizer, self._eos, max_rows=self.max_batch_rows,
+                      max_step_tokens=self.max_batch_tokens)
+
+    def _take_queued(self, block: bool) -> bool:
+        """Hand queued jobs to the engine (waiting for one if ``block``); False once asked to stop."""
+        while True:
             try:
-                job = self._queue.get_nowait()
+                job = self._queue.get(block=block)
             except queue.Empty:
-                break
+                return True
             if job is None:
-                self._queue.put(None)  # stop after this batch
-                break
-            batch.append(job)
-            rows += job.request.params.n
-        kept = [j for j in batch if not j.cancelled.is_set()]
-        self.cancelled_work.add(never_started=rows - sum(j.request.params.n for j in kept))
-        return kept
+                return False
+            block = False
+            if job.cancelled.is_set():
+                self.cancelled_work.add(never_started=job.request.params.n)
+                continue
+            try:
+                self._engine.add(job.request, lambda candidates, job=job: self._finish(job, candidates),
+                                 lambda exc, job=job: job.resolve(error=exc))
+            except ValueError as exc:
+                job.resolve(error=exc)
+
+    def _finish(self, job: _Job, candidates) -> None:
+        if job.cancelled.is_set():
+            self.cancelled_work.add(candidates)
+        job.resolve(candidates)
 
     def _serve(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            if not batch:
+        running = True
+        while running or not self._engine.idle:
+            if running:
+                running = self._take_queued(block=self._engine.idle)
+            if self._engine.idle:
                 continue
             try:
-                results = sample(self.model, self.tokenizer, [j.request for j in batch], self._eos)
-            except Exception as exc:  # one bad batch fails its requests, not the worker
+                self._engine.step()
+            except Exception as exc:  # a failed step fails the requests inside, not the worker
                 log.exception("generation failed")
-                for job in batch:
-                    job.resolve(error=RuntimeError(f"{type(exc).__name__}: {exc}"))
-                continue
-            for job, candidates in zip(batch, results):
-                if job.cancelled.is_set():
-                    self.cancelled_work.add(candidates)
-                job.resolve(candidates)
+                engine, self._engine = self._engine, self._new_engine()
+                engine.fail(RuntimeError(f"{type(exc).__name__}: {exc}"))

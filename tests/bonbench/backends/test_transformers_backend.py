@@ -16,7 +16,8 @@ CHAT = [{"role": "user", "content": "Say hello."}]
 
 @pytest.fixture(scope="module")
 def backend(tiny_model_path):
-    backend = TransformersBackend.from_pretrained(tiny_model_path, "tiny", max_batch_rows=16)
+    # float32: the token-for-token comparisons below are about batching, not about bfloat16 rounding
+    backend = TransformersBackend.from_pretrained(tiny_model_path, "tiny", dtype="float32", max_batch_rows=16)
     yield backend
     asyncio.run(backend.close())
     assert not backend._worker.is_alive()
@@ -93,3 +94,27 @@ def test_a_chat_prompt_for_a_model_without_chat_template_is_a_value_error(backen
             backend.count_prompt_tokens(CHAT)
     finally:
         backend.tokenizer.chat_template = template
+
+
+def test_a_short_request_sent_while_a_long_batch_decodes_comes_back_before_it(backend):
+    async def scenario():
+        params = SamplingParams(n=8, max_tokens=1500, seed=0)
+        long = asyncio.ensure_future(backend.generate("Write a long story", params))
+        while backend.running_rows == 0:  # wait until the long batch decodes
+            await asyncio.sleep(0.01)
+        short = await backend.generate("Quick", SamplingParams(n=8, max_tokens=3, seed=1))
+        still_running = not long.done()
+        long.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await long
+        return short, still_running
+
+    short, still_running = asyncio.run(scenario())
+    assert [c.num_tokens for c in short.candidates] == [3] * 8
+    assert still_running, "the short request did not wait for the long batch to end"
+
+
+def test_an_empty_prompt_fails_its_own_request_and_the_worker_serves_on(backend):
+    with pytest.raises(ValueError, match="no tokens"):
+        asyncio.run(backend.generate("", SamplingParams(max_tokens=2)))
+    assert asyncio.run(backend.generate("next", SamplingParams(max_tokens=2))).candidates[0].num_tokens == 2

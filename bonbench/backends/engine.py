@@ -1,0 +1,246 @@
+"""Continuous batching for in-process sampling: rows join and leave the batch at every step.
+
+An ``Engine`` holds one decoding batch. Each ``step()``
+
+1. admits waiting requests while the batch stays within ``max_rows`` rows (a request brings
+   ``n`` rows, plus one shadow row per candidate and ``score_with`` adapter);
+2. prefills admitted prompts, at most ``max_step_tokens - rows`` prompt tokens per step: a long
+   prompt is prefilled in chunks over several steps, so it delays everyone's next token by one
+   chunk, not by its whole prompt. A prompt is prefilled once per distinct (prompt, adapter),
+   unpadded, and its keys and values are copied to its rows when they join;
+3. draws one token for every row, lets finished (and cancelled) rows leave, hands back each
+   request whose rows are all finished, and runs one decoding forward pass for the rest.
+
+The batch keeps each prompt's keys and values once, however many candidates continue it, and each
+row's own tokens apart (``bonbench.backends.shared_prefix``: the candidates attend to one copy of
+their prompt); both are written in place (``bonbench.backends.kv``). Positions are counted per
+row, so a row that joins late continues exactly as it would alone (up to float rounding). Each row
+draws from its own generator: a seeded request's tokens do not depend on which requests share its
+batch, or on when it joined.
+
+With ``adapters=True`` every request names a PEFT adapter (``rows.BASE`` for none) and each
+forward pass runs the rows under their own adapters (PEFT's mixed-adapter batches).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from bonbench.backends import kv
+from bonbench.backends.base import Candidate
+from bonbench.backends.prefill import forward_with_adapters
+from bonbench.backends.rows import Row, SampleRequest, candidates, cut_at_stop, draw, process_logits, request_rows
+from bonbench.backends.shared_prefix import ATTENTION, SharedPrefixCache, attention_of
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A request inside the engine, from ``add`` to its callback."""
+
+    request: SampleRequest
+    on_done: Callable[[list[Candidate]], None]
+    on_error: Callable[[BaseException], None] | None
+    rows: list[Row]
+    unfinished: int = 0
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """One prompt being prefilled for the requests that wait on it, one cache row per adapter."""
+
+    prompt: tuple[int, ...]
+    adapters: list[str | None]
+    members: list[_Pending] = field(default_factory=list)
+    cache: object = None
+    done: int = 0  # prompt tokens prefilled so far
+    logits: torch.Tensor | None = None  # (len(adapters), V) after the last prompt token
+
+
+class Engine:
+    """A continuously batched sampler over one model; not thread-safe (one thread drives it)."""
+
+    def __init__(self, model, tokenizer, eos_token_ids: Sequence[int], *, adapters: bool = False,
+                 max_rows: int | None = None, max_step_tokens: int | None = None, keep_tokens: bool = True):
+        if max_rows is not None and max_step_tokens is not None and max_step_tokens <= max_rows:
+            raise ValueError(f"max_step_tokens ({max_step_tokens}) must exceed max_rows ({max_rows}): each step "
+                             f"decodes one token per row and prefills prompts with what is left")
+        kv.check_full_attention(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos = set(eos_token_ids)
+        self.adapters = adapters
+        self.max_rows = max_rows if max_rows is not None else math.inf
+        self.max_step_tokens = max_step_tokens if max_step_tokens is not None else math.inf
+        self.keep_tokens = keep_tokens
+        self.device = next(model.parameters()).device
+        self._waiting: deque[_Pending] = deque()
+        self._prefills: list[_Prefill] = []
+        self._rows: list[Row] = []
+        self._owner: dict[int, _Pending] = {}  # id(row) -> its request
+        self._cache: SharedPrefixCache | None = None
+        self._logits: torch.Tensor | None = None  # (rows, V): next-token logits of every row
+
+    # -- the public surface ------------------------------------------------------------------
+
+    def add(self, request: SampleRequest, on_done: Callable[[list[Candidate]], None],
+            on_error: Callable[[BaseException], None] | None = None) -> None:
+        """Queue ``request``; ``on_done(candidates)`` is called from ``step()`` when it is finished."""
+        if not request.prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        if self.adapters and request.adapter is None:
+            raise ValueError("in a batch that names adapters, every request must name one (BASE for none)")
+        if not self.adapters and (request.adapter is not None or request.score_with):
+            raise ValueError("this engine runs the model as is: build it with adapters=True to name adapters")
+        rows = request_rows(request)
+        self._waiting.append(_Pending(request, on_done, on_error, rows, len(rows)))
+
+    @property
+    def idle(self) -> bool:
+        return not (self._waiting or self._prefills or self._rows)
+
+    @property
+    def running_rows(self) -> int:
+        """Rows decoding now (prefilling requests not counted)."""
+        return len(self._rows)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit, prefill within the step's token budget, then draw one token for every row."""
+        self._admit()
+        self._prefill(max(self.max_step_tokens - len(self._rows), 1))
+        if self._rows:
+            self._decode()
+
+    def fail(self, error: BaseException) -> None:
+        """Hand ``error`` to every request still inside and empty the engine."""
+        everyone = list(self._waiting) + [m for p in self._prefills for m in p.members]
+        everyone += list(dict.fromkeys(self._owner.values()))
+        self._waiting.clear()
+        self._prefills.clear()
+        self._drop_batch()
+        for pending in everyone:
+            if pending.on_error is None:
+                raise error
+            pending.on_error(error)
+
+    # -- admission and prefill ---------------------------------------------------------------
+
+    def _admit(self) -> None:
+        planned = len(self._rows) + sum(len(m.rows) for p in self._prefills for m in p.members)
+        while self._waiting:
+            pending = self._waiting[0]
+            if pending.request.is_cancelled():
+                self._waiting.popleft()
+                for row in pending.rows:
+                    row.finish_reason = "cancelled"
+                self._deliver(pending)
+                continue
+            if planned and planned + len(pending.rows) > self.max_rows:
+                return  # the batch is full; a request wider than max_rows runs alone
+            self._waiting.popleft()
+            planned += len(pending.rows)
+            self._prefill_for(pending).members.append(pending)
+
+    def _prefill_for(self, pending: _Pending) -> _Prefill:
+        """The not yet started prefill of this prompt (adapters added as needed), else a new one."""
+        prompt = tuple(pending.request.prompt_ids)
+        needed = list(dict.fromkeys(row.adapter for row in pending.rows))
+        for p in self._prefills:
+            if p.prompt == prompt and (p.done == 0 or set(needed) <= set(p.adapters)):
+                p.adapters += [a for a in needed if a not in p.adapters]
+                return p
+        self._prefills.append(_Prefill(prompt, needed))
+        return self._prefills[-1]
+
+    def _prefill(self, budget: float) -> None:
+        while budget > 0 and self._prefills:
+            p = self._prefills[0]
+            if all(m.request.is_cancelled() for m in p.members):
+                self._prefills.pop(0)
+                for m in p.members:
+                    for row in m.rows:
+                        row.finish_reason = "cancelled"
+                    self._deliver(m)
+                continue
+            end = int(min(len(p.prompt), p.done + budget))
+            if p.cache is None:
+                p.cache = kv.new_cache()
+            ids = torch.tensor([p.prompt[p.done : end]] * len(p.adapters), device=self.device)
+            positions = torch.arange(p.done, end, device=self.device).expand(len(p.adapters), -1)
+            out = forward_with_adapters(self.model, p.adapters if self.adapters else None, input_ids=ids,
+                                        position_ids=positions, past_key_values=p.cache, use_cache=True,
+                                        logits_to_keep=1)
+            budget -= end - p.done
+            p.done = end
+            if p.done == len(p.prompt):
+                p.logits = out.logits[:, -1, :].float()
+                self._prefills.pop(0)
+                self._join(p)
+
+    def _join(self, p: _Prefill) -> None:
+        """Add the prefilled prompt to the batch (once per adapter) and its members' rows after it."""
+        slot = {a: i for i, a in enumerate(p.adapters)}
+        rows = [row for m in p.members for row in m.rows]
+        row_slots = [slot[row.adapter] for row in rows]
+        if self._cache is None:
+            self._cache = SharedPrefixCache()
+        self._cache.add_prompt(p.cache, row_slots)
+        logits = p.logits[torch.tensor(row_slots, device=self.device)]
+        self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
+        self._rows += rows
+        for m in p.members:
+            for row in m.rows:
+                self._owner[id(row)] = m
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    def _decode(self) -> None:
+        logprobs = process_logits(self._logits.cpu(), self._rows)
+        tokens = draw(logprobs, self._rows)
+        chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+        keep = [i for i, row in enumerate(self._rows) if not self._advance(row, int(tokens[i]), float(chosen[i]))]
+        if len(keep) < len(self._rows):
+            for row in (self._rows[i] for i in set(range(len(self._rows))) - set(keep)):
+                pending = self._owner.pop(id(row))
+                pending.unfinished -= 1
+                if pending.unfinished == 0:
+                    self._deliver(pending)
+            if not keep:
+                self._drop_batch()
+                return
+            self._cache.select(torch.tensor(keep, device=self.device))
+            self._rows = [self._rows[i] for i in keep]
+            tokens = tokens[keep]
+        mask, positions = self._cache.next_step()
+        with attention_of(self.model, ATTENTION):
+            out = forward_with_adapters(
+                self.model, [row.adapter for row in self._rows] if self.adapters else None,
+                input_ids=tokens[:, None].to(self.device), attention_mask=mask, position_ids=positions,
+                past_key_values=self._cache, use_cache=True, shared_prefix=self._cache)
+        self._logits = out.logits[:, -1, :].float()
+
+    def _advance(self, row: Row, token: int, logprob: float) -> bool:
+        """Append the drawn token to ``row``; True if the row is finished."""
+        row.token_ids.append(token)
+        row.token_logprobs.append(logprob)
+        if row.leader is not None:  # a shadow ends with its leader, which comes before it
+            row.finish_reason = row.leader.finish_reason
+        elif self._owner[id(row)].request.is_cancelled():
+            row.finish_reason = "cancelled"
+        elif token in self.eos or (row.params.stop and cut_at_stop(self.tokenizer, row)):
+            row.finish_reason = "stop"
+        elif len(row.token_ids) >= row.params.max_tokens:
+            row.finish_reason = "length"
+        return row.finish_reason is not None
+
+    def _deliver(self, pending: _Pending) -> None:
+        pending.on_done(candidates(self.tokenizer, pending.rows, self.eos, self.keep_tokens))
+
+    def _drop_batch(self) -> None:
+        self._rows, self._owner = [], {}
+        self._cache = self._logits = None
