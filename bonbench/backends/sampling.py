@@ -16,6 +16,7 @@ again. Prompts are prefilled once per distinct (prompt, adapter).
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -52,6 +53,7 @@ class _Row:
     leader: int | None = None  # shadow rows: the row whose tokens they score
     token_ids: list[int] = field(default_factory=list)
     token_logprobs: list[float] = field(default_factory=list)
+    uniform_kl_sum: float = 0.0  # self-certainty: sum over its tokens of KL(uniform || p_t)
     finish_reason: str | None = None
     text: str | None = None
 
@@ -151,12 +153,17 @@ def sample(
             if rows[k].leader is not None:
                 tokens[pos] = drawn[rows[k].leader]
         chosen_lp = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+        # self-certainty: KL(uniform || p) = -log V - mean_v log p_v, of the model's own distribution
+        # (temperature 1, no top-p), whatever the row samples from
+        raw = next_logits.cpu()
+        uniform_kl = -math.log(raw.shape[-1]) - (raw.mean(-1) - raw.logsumexp(-1))
         keep = []
         for pos, k in enumerate(active):  # a shadow row comes after its leader and ends with it
             row = rows[k]
             tok = int(tokens[pos])
             row.token_ids.append(tok)
             row.token_logprobs.append(float(chosen_lp[pos]))
+            row.uniform_kl_sum += float(uniform_kl[pos])
             if row.leader is not None:
                 row.finish_reason = rows[row.leader].finish_reason
             elif requests[row.request].is_cancelled():
@@ -224,4 +231,5 @@ def _to_candidate(tokenizer, row: _Row, eos: set[int], keep_tokens: bool) -> Can
         token_ids=list(ids),
         tokens=[tokenizer.decode([t]) for t in ids] if (keep_tokens and row.params.logprobs) else [],
         token_logprobs=list(row.token_logprobs) if row.params.logprobs else [],
+        self_certainty=row.uniform_kl_sum / len(ids) if ids else None,
     )
