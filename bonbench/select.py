@@ -119,6 +119,11 @@ def _check_n(n: int, candidates: Candidates) -> None:
         raise SelectionError(f"cannot choose {n} of {len(candidates.texts)} candidates")
 
 
+def _highest(scores: np.ndarray, n: int) -> Choice:
+    """The ``n`` highest scores, best first, ties to the earlier draw (docs/math.md §1)."""
+    return Choice(bon_select(scores, n), scores)
+
+
 def _positive(value: Any, name: str, rule: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise SelectionError(f"selection '{rule}' needs {name} > 0 (a number), got {value!r}")
@@ -138,8 +143,7 @@ class Argmax:
 
     def choose(self, candidates: Candidates, n: int, rng: np.random.Generator) -> Choice:
         _check_n(n, candidates)
-        rewards = candidates.need("rewards", self.name, "a reward model")
-        return Choice(bon_select(rewards, n), rewards)
+        return _highest(candidates.need("rewards", self.name, "a reward model"), n)
 
 
 @dataclass(frozen=True)
@@ -198,8 +202,7 @@ class Regularized:
         else:
             penalty = -candidates.need("logprobs", self.name, "each candidate's log-probability "
                                        "(penalty 'logprob'), which this backend does not report")
-        scores = rewards - self.beta * penalty
-        return Choice(bon_select(scores, n), scores)
+        return _highest(rewards - self.beta * penalty, n)
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,9 +218,8 @@ class SelfCertainty:
 
     def choose(self, candidates: Candidates, n: int, rng: np.random.Generator) -> Choice:
         _check_n(n, candidates)
-        certainty = candidates.need("self_certainty", self.name, "the model's next-token distributions, "
-                                    "which only the transformers backend reports")
-        return Choice(bon_select(certainty, n), certainty)
+        return _highest(candidates.need("self_certainty", self.name, "the model's next-token distributions, "
+                                        "which only the transformers backend reports"), n)
 
 
 def normalize_answer(text: str) -> str:
