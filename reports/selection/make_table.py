@@ -1,7 +1,7 @@
 """The selection table from an ``evals.benchmarks`` run folder: exact match per Best-of-N row with a
 95% bootstrap interval over questions, and the paired difference from Best-of-1 on the same questions.
 
-    python reports/selection/make_table.py RUN_FOLDER [reports/selection]
+    python -m reports.selection.make_table RUN_FOLDER [OUT]        # from the repository root
 """
 
 from __future__ import annotations
@@ -39,9 +39,8 @@ def table(em: pd.DataFrame, baseline: tuple[str, str]) -> pd.DataFrame:
         rows.append({"method": method, "selection": rule, "questions": y.size, "exact_match": y.mean(),
                      "ci_low": low, "ci_high": high, "vs_bon1": diff.mean(), "vs_bon1_low": d_low,
                      "vs_bon1_high": d_high, "better": int((diff > 0).sum()), "worse": int((diff < 0).sum())})
-    order = {"reference": 0}  # the reference first, then Best-of-N by N
-    t = pd.DataFrame(rows)
-    t["_n"] = t["method"].map(lambda m: order.get(m, 1 + int(m.split("-")[-1])))
+    t = pd.DataFrame(rows)  # the reference first, then Best-of-N by N
+    t["_n"] = t["method"].map(lambda m: int(m.split("-")[-1]) if m.startswith("bon-") else 0)
     return t.sort_values(["_n", "selection"]).drop(columns="_n").reset_index(drop=True)
 
 
