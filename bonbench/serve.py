@@ -30,6 +30,9 @@ class ServeConfig:
     upstream_model: str = field("", "model name at the upstream (default: its first)")
     upstream_api_key: str = field("", "API key for the upstream")
     reward_model: str = field("default", REWARD_HELP)
+    selection: str = field("argmax", "how to choose among the N (a request's 'selection' overrides it): argmax, "
+                                     "soft, regularized, self-certainty or majority; NAME:key=value,... sets "
+                                     "parameters, e.g. soft:temperature=0.5")
     judge_model: str = field("", "model name for --reward-model judge")
     judge_base_url: str = field("", "OpenAI-compatible base URL of the judge (default: OpenAI's)")
     judge_api_key: str = field("", "API key of the judge")
@@ -59,8 +62,18 @@ class ServeConfig:
             raise ValueError(f"--n {self.n} exceeds --max-best-of {self.max_best_of}")
         if self.backend not in ("transformers", "vllm"):
             raise ValueError(f"--backend must be transformers or vllm, got {self.backend!r}")
-        if self.reward_model == "none" and self.n != 1:
-            raise ValueError("--reward-model none serves plain samples: use --n 1 (clients set n)")
+        from bonbench.select import SelectionError, parse_rule
+
+        try:
+            rule = parse_rule(self.selection)
+        except SelectionError as exc:
+            raise ValueError(f"--selection: {exc}") from exc
+        if self.reward_model == "none" and rule.needs_reward and self.n != 1:
+            raise ValueError(f"--reward-model none with --selection {rule.name} serves plain samples: use --n 1 "
+                             "(clients set n), or a reward-free rule (majority, self-certainty)")
+        if rule.name == "self-certainty" and (self.upstream or self.backend != "transformers"):
+            raise ValueError("--selection self-certainty reads the model's next-token distributions, which only "
+                             "the transformers backend reports")
         if self.default_max_tokens > self.max_tokens:
             raise ValueError("--default-max-tokens exceeds --max-tokens")
         if not self.max_body_mb * 2**20 >= 1:
@@ -101,7 +114,9 @@ def build_service(cfg: ServeConfig):
     limits = Limits(default_best_of=cfg.n, max_best_of=cfg.max_best_of, default_max_tokens=cfg.default_max_tokens,
                     max_tokens=cfg.max_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
                     max_in_flight=cfg.max_in_flight, max_body_bytes=int(cfg.max_body_mb * 2**20))
-    return BestOfNService(backend, reward, name, limits)
+    from bonbench.select import parse_rule
+
+    return BestOfNService(backend, reward, name, limits, selection=parse_rule(cfg.selection))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,6 +129,6 @@ def main(argv: list[str] | None = None) -> None:
 
     service = build_service(cfg)
     app = build_app(service, api_key=cfg.api_key or None)
-    log.info("serving %s with best_of=%d, reward %s, on http://%s:%d/v1", service.model_name, cfg.n,
-             cfg.reward_model, cfg.host, cfg.port)
+    log.info("serving %s with best_of=%d, reward %s, selection %s, on http://%s:%d/v1", service.model_name, cfg.n,
+             cfg.reward_model, cfg.selection, cfg.host, cfg.port)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)

@@ -4,6 +4,8 @@ Best-of-N itself, through lm-eval's Python API.
     python -m evals.benchmarks                                   # local tasks: reference and BoN-4
     python -m evals.benchmarks --tasks bonbench_qa gsm8k --policies runs/jbond/policy --bon-n 1 4 8 \\
         --bon-reward bonbench_qa=mypackage.rewards:concise --limit 200 --out runs/benchmarks
+    python -m evals.benchmarks --tasks bonbench_qa --reference false --bon-n 1 4 \\
+        --bon-selection bonbench_qa=majority bonbench_qa=self-certainty      # rules beside the reward's argmax
 
 Methods. The reference (``--model``) and each policy (a merged checkpoint, or a LoRA adapter from
 ``distill`` put on the reference with lm-eval's ``peft=``) run as lm-eval's ``hf`` model, so every
@@ -17,7 +19,10 @@ run for it. ``--bon-n 1`` is plain sampling at the same temperature, the baselin
 The reward decides what Best-of-N is worth: the default reward was built for one-sentence summaries
 and is the wrong judge for short answers. ``--bon-reward TASK=SPEC`` chooses it per task (SPEC is
 anything ``bonbench serve --reward-model`` takes); the table's ``reward`` column says which one
-produced each Best-of-N row.
+produced each Best-of-N row. ``--bon-selection TASK=RULE`` adds, for every N above 1, a row whose
+answers a selection rule chose (a request's ``selection``; ``bonbench/select.py``): ``majority`` and
+``self-certainty`` need no reward and the ``reward`` column names the rule alone; a rule that reads
+the reward (``soft``, ``regularized``) reads the task's and is named ``RULE(REWARD)``.
 
 Tasks. Any lm-eval task, group or tag name (``gsm8k``, ``ifeval``, ``mmlu``; these need the Hugging
 Face hub) and the project's own offline ones in ``evals/tasks/`` (tag ``bonbench``): ``bonbench_qa``
@@ -72,6 +77,9 @@ class BenchmarkConfig:
     reward_model: str = field("default", "the reward that picks Best-of-N's answer on tasks without --bon-reward "
                                          "(any bonbench serve --reward-model spec)")
     bon_reward: list[str] = field([], "TASK=SPEC: the reward for Best-of-N on TASK (repeatable)")
+    bon_selection: list[str] = field([], "TASK=RULE: also run Best-of-N on TASK with this selection rule (majority, "
+                                         "self-certainty, soft, regularized; RULE:key=value,... for parameters), "
+                                         "one row per rule beside the reward's argmax (repeatable)")
     bon_temperature: float = field(1.0, "sampling temperature of Best-of-N's candidates")
     bon_base_url: str = field("", "use this running bonbench server (…/v1) instead of starting one; its own "
                                   "reward picks the answers")
@@ -108,6 +116,23 @@ class BenchmarkConfig:
             raise ValueError("--bon-reward and --serve-args configure the server this command starts; "
                              "the server at --bon-base-url scores with its own reward")
         self.task_rewards()  # a malformed --bon-reward is a usage error
+        self.task_selections()  # as is a malformed --bon-selection
+
+    def task_selections(self) -> dict[str, list[str]]:
+        """``--bon-selection`` as {task: [rule spec, ...]}, each spec checked."""
+        from bonbench.select import SelectionError, parse_rule
+
+        selections: dict[str, list[str]] = {}
+        for item in self.bon_selection:
+            task, sep, spec = item.partition("=")
+            if not sep or not task or not spec:
+                raise ValueError(f"--bon-selection takes TASK=RULE, got {item!r}")
+            try:
+                parse_rule(spec)
+            except SelectionError as exc:
+                raise ValueError(f"--bon-selection {item}: {exc}") from exc
+            selections.setdefault(task, []).append(spec)
+        return selections
 
     def task_rewards(self) -> dict[str, str]:
         """``--bon-reward`` as {task: reward spec}."""
@@ -146,10 +171,20 @@ class Unit:
     method: Method
     task: str
     reward: str = ""  # Best-of-N only
+    selection: str = ""  # Best-of-N only: a rule spec (bonbench.select.parse_rule); "": the reward's argmax
+
+    @property
+    def label(self) -> str:
+        """The table's ``reward`` column: the reward, the reward-free rule, or ``RULE(REWARD)``."""
+        if not self.selection:
+            return self.reward
+        from bonbench.select import parse_rule
+
+        return f"{self.selection}({self.reward})" if parse_rule(self.selection).needs_reward else self.selection
 
     @property
     def stem(self) -> str:
-        return self.task if not self.reward else f"{self.task}@{_slug(self.reward)}"
+        return self.task if not self.label else f"{self.task}@{_slug(self.label)}"
 
     def raw_path(self, out: Path) -> Path:
         return out / "raw" / self.method.name / f"{self.stem}.json"
@@ -293,7 +328,7 @@ def check_server(base_url: str, n: int) -> tuple[Server, str]:
     bon = (reply.model_extra or {}).get("bon")
     if not bon:
         raise BenchmarkError(f"the server at {base_url} is not a Best-of-N server: its replies carry no 'bon' field")
-    return Server(base_url, model), bon["reward_model"] or "none"
+    return Server(base_url, model), bon.get("reward_model") or "none"  # null fields are left out
 
 
 @contextlib.contextmanager
@@ -335,6 +370,11 @@ def evaluate(lm, unit: Unit, manager, cfg: BenchmarkConfig, out: Path) -> None:
     gen_kwargs = None
     if unit.method.is_bon:
         gen_kwargs = {"best_of": unit.method.n, "temperature": cfg.bon_temperature, "do_sample": True}
+        if unit.selection:  # extra fields of lm-eval's chat payload; the server's request names them
+            from bonbench.select import describe, parse_rule
+
+            rule = parse_rule(unit.selection)
+            gen_kwargs.update(selection=rule.name, selection_params=describe(rule))
     limit = None if cfg.limit == 0 else (int(cfg.limit) if cfg.limit >= 1 else cfg.limit)
     seeds = dict(random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
                  fewshot_random_seed=cfg.seed)
@@ -348,7 +388,7 @@ def evaluate(lm, unit: Unit, manager, cfg: BenchmarkConfig, out: Path) -> None:
         raise hub_error(unit.task, exc) from exc
     samples = results.pop("samples")
     results["bonbench"] = {"method": unit.method.name, "task": unit.task, "n": unit.method.n,
-                           "reward": unit.reward, "model": unit.method.model}
+                           "reward": unit.label, "model": unit.method.model}
     samples_path = unit.samples_path(out)
     samples_path.parent.mkdir(parents=True, exist_ok=True)
     with open(samples_path, "w") as f:
@@ -433,14 +473,18 @@ def check_settings(cfg: BenchmarkConfig, out: Path) -> None:
 
 def plan(cfg: BenchmarkConfig, manager, tasks: list[str], external: Server | None,
          reward_of) -> tuple[list[Unit], list[str]]:
-    """Every unit the config asks for, and the ones Best-of-N cannot run (log-likelihood tasks)."""
+    """Every unit the config asks for, and the ones Best-of-N cannot run (log-likelihood tasks).
+    Selection rules run for N > 1 only: of one candidate every rule keeps that one."""
     units, not_run = [], []
+    selections = cfg.task_selections()
     for method in methods(cfg, bon_model=external.model if external else cfg.model):
         for task in tasks:
             if not method.is_bon:
                 units.append(Unit(method, task))
             elif generates(manager, task):
                 units.append(Unit(method, task, reward_of(task)))
+                if method.n > 1:
+                    units += [Unit(method, task, reward_of(task), rule) for rule in selections.get(task, [])]
             else:
                 not_run.append(f"{method.name} x {task}")
     return units, not_run
@@ -454,9 +498,10 @@ def run(cfg: BenchmarkConfig):
     manager, tasks = resolve_tasks(cfg.tasks)
     for task in set(tasks) - local_task_names():
         _load_tasks(manager, task)  # fetch hub datasets now: fail before any model loads, not after hours
-    stray = sorted(set(cfg.task_rewards()) - set(tasks))
-    if stray:
-        raise BenchmarkError(f"--bon-reward names {stray[0]}, which is not among the tasks to run ({', '.join(tasks)})")
+    for option, named in (("--bon-reward", cfg.task_rewards()), ("--bon-selection", cfg.task_selections())):
+        stray = sorted(set(named) - set(tasks))
+        if stray:
+            raise BenchmarkError(f"{option} names {stray[0]}, which is not among the tasks to run ({', '.join(tasks)})")
     external, server_reward = None, None
     if cfg.bon_base_url and cfg.bon_n:
         external, server_reward = check_server(cfg.bon_base_url, max(cfg.bon_n))

@@ -76,6 +76,10 @@ class Candidate:
     # log-probability of token_ids (temperature 1) under other adapters of the same model, by name:
     # filled by the in-process sampler for a SampleRequest with ``score_with``
     logprob_under: dict[str, float] = field(default_factory=dict)
+    # mean over its tokens of KL(uniform || p_t) = -log V - mean_v log p_t(v), p_t the model's next-token
+    # distribution at temperature 1: the self-certainty of bonbench.select; None where the backend
+    # does not see whole distributions (vllm, an upstream)
+    self_certainty: float | None = None
 
 
 @dataclass

@@ -34,7 +34,8 @@ import torch
 from bonbench.backends import kv
 from bonbench.backends.base import Candidate
 from bonbench.backends.prefill import forward_with_adapters
-from bonbench.backends.rows import Row, SampleRequest, candidates, cut_at_stop, draw, process_logits, request_rows
+from bonbench.backends.rows import (Row, SampleRequest, candidates, cut_at_stop, draw, process_logits, request_rows,
+                                    uniform_kl)
 from bonbench.backends.shared_prefix import ATTENTION, SharedPrefixCache, attention_of
 
 
@@ -200,9 +201,13 @@ class Engine:
     # -- decoding ----------------------------------------------------------------------------
 
     def _decode(self) -> None:
-        logprobs = process_logits(self._logits.cpu(), self._rows)
+        logits = self._logits.cpu()
+        logprobs = process_logits(logits, self._rows)
         tokens = draw(logprobs, self._rows)
         chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+        certainty = uniform_kl(logits)
+        for row, value in zip(self._rows, certainty.tolist()):
+            row.uniform_kl_sum += value
         keep = [i for i, row in enumerate(self._rows) if not self._advance(row, int(tokens[i]), float(chosen[i]))]
         if len(keep) < len(self._rows):
             for row in (self._rows[i] for i in set(range(len(self._rows))) - set(keep)):

@@ -8,6 +8,7 @@ another PEFT adapter and reports their log-probability there.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Callable
@@ -40,6 +41,7 @@ class Row:
     leader: Row | None = None  # shadow rows: the row whose tokens they score
     token_ids: list[int] = field(default_factory=list)
     token_logprobs: list[float] = field(default_factory=list)
+    uniform_kl_sum: float = 0.0  # self-certainty: the sum over its tokens of KL(uniform || p_t)
     finish_reason: str | None = None
     text: str | None = None
 
@@ -59,6 +61,12 @@ def row_generator(seed: int | None, index: int) -> torch.Generator:
     # derive_seed maps any integer into torch's range: a large client seed must not fail its batch.
     g.manual_seed(derive_seed(seed, index) if seed is not None else random.getrandbits(62))
     return g
+
+
+def uniform_kl(logits: torch.Tensor) -> torch.Tensor:
+    """KL(uniform || p) per row of the model's own next-token distribution (temperature 1, no top-p):
+    ``-log V - mean_v log p_v``; the per-token term of self-certainty. logits: (A, V) -> (A,)."""
+    return -math.log(logits.shape[-1]) - (logits.mean(-1) - logits.logsumexp(-1))
 
 
 def process_logits(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
@@ -120,6 +128,7 @@ def to_candidate(tokenizer, row: Row, eos: set[int], keep_tokens: bool) -> Candi
         token_ids=list(ids),
         tokens=[tokenizer.decode([t]) for t in ids] if (keep_tokens and row.params.logprobs) else [],
         token_logprobs=list(row.token_logprobs) if row.params.logprobs else [],
+        self_certainty=row.uniform_kl_sum / len(ids) if ids else None,
     )
 
 

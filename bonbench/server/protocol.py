@@ -73,6 +73,10 @@ Stop = Optional[Union[str, list[str]]]
 TokenBudget = Annotated[Optional[int], Field(ge=1)]
 BestOf = Annotated[Optional[int], Field(ge=1, description="candidates N to draw; the reply keeps the top n")]
 ReturnCandidates = Annotated[bool, Field(description="add every candidate's reward and the chosen indices")]
+Selection = Annotated[Optional[str], Field(description="how to choose among the candidates: argmax, soft, regularized, "
+                                                       "self-certainty or majority (default: the server's --selection)")]
+SelectionParams = Annotated[Optional[dict[str, Any]], Field(description="the rule's parameters, e.g. "
+                                                                       "{\"temperature\": 0.5} for soft")]
 
 
 class ChatCompletionRequest(_Request):
@@ -94,6 +98,8 @@ class ChatCompletionRequest(_Request):
     # --- Best-of-N extensions (top level or in the openai client's extra_body) ---
     best_of: BestOf = None
     return_candidates: ReturnCandidates = False
+    selection: Selection = None
+    selection_params: SelectionParams = None
 
     @property
     def token_budget(self) -> Optional[int]:
@@ -118,9 +124,11 @@ class CompletionRequest(_Request):
     user: Optional[str] = None
     # --- Best-of-N extensions (top level or in the openai client's extra_body) ---
     # OpenAI's legacy completions ranks its own best_of candidates by log-probability; here the
-    # reward model ranks them.
+    # selection rule does (by default the reward model's argmax).
     best_of: BestOf = None
     return_candidates: ReturnCandidates = False
+    selection: Selection = None
+    selection_params: SelectionParams = None
 
     @property
     def token_budget(self) -> Optional[int]:
@@ -153,6 +161,7 @@ class CandidateInfo(BaseModel):
     finish_reason: str
     logprob: Optional[float]
     text: str
+    score: Optional[float] = None  # what the selection rule ranked it by (None: no selection ran)
 
 
 class BestOfNInfo(BaseModel):
@@ -160,6 +169,8 @@ class BestOfNInfo(BaseModel):
 
     best_of: int
     reward_model: Optional[str]
+    selection: Optional[str] = None  # the rule that chose (None: no selection ran, the first n were kept)
+    selection_params: dict[str, Any] = Field(default_factory=dict)
     chosen: list[int]  # candidate indices of the returned choices, best first
     candidates: list[CandidateInfo]
 

@@ -1,4 +1,4 @@
-"""Best-of-N as a service: request -> N candidates -> rewards -> the top n, as OpenAI replies.
+"""Best-of-N as a service: request -> N candidates -> rewards -> a selection rule's n, as OpenAI replies.
 
 No web framework here: the app hands in validated request models and gets response models (or
 stream chunks) back; every failure is a typed ``APIError``.
@@ -12,10 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+import numpy as np
+
 from bonbench.backends.base import (Backend, Generation, Prompt, PromptTooLong, SamplingParams, UpstreamError,
                                     check_context)
-from bonbench.bon import bon_select
 from bonbench.rewards.base import RewardError, RewardModel, checked_scores
+from bonbench.seeds import derive_seed
+from bonbench.select import Argmax, Candidates, SelectionError, SelectionRule, describe, make_rule
 from bonbench.server import protocol as P
 from bonbench.server.errors import (
     GenerationFailed,
@@ -43,19 +46,28 @@ class Limits:
 # with more characters than this many times its token limit is refused without tokenising it.
 MAX_CHARS_PER_TOKEN = 256
 
+# A request's seed seeds candidate j's stream as derive_seed(seed, j) (one key); the selection of its
+# prompt p draws from derive_seed(seed, SELECTION_STREAM, p) (two keys), a stream no candidate uses.
+SELECTION_STREAM = 1
+
 
 @dataclass
 class Selection:
-    """One prompt's Best-of-N: every candidate in draw order, its reward, and the chosen indices."""
+    """One prompt's Best-of-N: every candidate in draw order, its reward, the chosen indices, and the
+    rule that chose them with each candidate's score (``rule`` None: plain samples, nothing chosen)."""
 
     generation: Generation
     rewards: list[float] | None
     chosen: list[int]
+    rule: SelectionRule | None = None
+    scores: list[float] | None = None
 
     def info(self, best_of: int, reward_name: str | None) -> P.BestOfNInfo:
         return P.BestOfNInfo(
             best_of=best_of,
             reward_model=reward_name,
+            selection=None if self.rule is None else self.rule.name,
+            selection_params={} if self.rule is None else describe(self.rule),
             chosen=self.chosen,
             candidates=[
                 P.CandidateInfo(
@@ -65,6 +77,7 @@ class Selection:
                     finish_reason=c.finish_reason,
                     logprob=c.logprob,
                     text=c.text,
+                    score=None if self.scores is None else self.scores[i],
                 )
                 for i, c in enumerate(self.generation.candidates)
             ],
@@ -73,9 +86,10 @@ class Selection:
 
 class BestOfNService:
     def __init__(self, backend: Backend, reward: RewardModel | None, model_name: str,
-                 limits: Limits = Limits(), metrics: Metrics | None = None):
+                 limits: Limits = Limits(), metrics: Metrics | None = None, selection: SelectionRule = Argmax()):
         self.backend = backend
         self.reward = reward
+        self.selection = selection  # the rule of requests that name none
         self.model_name = model_name
         self.limits = limits
         self.metrics = metrics or Metrics()
@@ -90,13 +104,33 @@ class BestOfNService:
 
     # -- validation: every check runs before any model work ------------------------------------
 
-    def _params(self, req: P.ChatCompletionRequest | P.CompletionRequest) -> SamplingParams:
+    def _rule(self, req: P.ChatCompletionRequest | P.CompletionRequest) -> SelectionRule:
+        """The request's selection rule: the server's, unless it names another or sets parameters."""
+        if req.selection is None and req.selection_params is None:
+            rule = self.selection
+        else:
+            name = req.selection or self.selection.name
+            params = describe(self.selection) if name == self.selection.name else {}
+            try:
+                rule = make_rule(name, {**params, **(req.selection_params or {})})
+            except SelectionError as exc:
+                raise InvalidRequest(str(exc), param="selection" if req.selection else "selection_params") from exc
+        if self.reward is None and rule.needs_reward and req.selection is not None:
+            raise InvalidRequest(f"selection '{rule.name}' needs a reward model; this server was started with "
+                                 "--reward-model none (reward-free rules: majority, self-certainty)", param="selection")
+        if getattr(rule, "penalty", None) == "logprob" and (req.temperature != 1 or req.top_p != 1):
+            raise InvalidRequest("penalty 'logprob' reads the reference's log-probability, which the server knows "
+                                 "only for candidates sampled at temperature 1 and top_p 1", param="selection_params")
+        return rule
+
+    def _params(self, req: P.ChatCompletionRequest | P.CompletionRequest, rule: SelectionRule) -> SamplingParams:
         if req.model != self.model_name:
             raise ModelNotFound(f"The model '{req.model}' does not exist; this server serves "
                                 f"'{self.model_name}'", param="model", code="model_not_found")
         lim = self.limits
+        plain = self.reward is None and rule.needs_reward  # nothing to rank by: plain samples
         if req.best_of is None:
-            best_of = req.n if self.reward is None else max(lim.default_best_of, req.n)
+            best_of = req.n if plain else max(lim.default_best_of, req.n)
         else:
             best_of = req.best_of
         if best_of < req.n:
@@ -104,9 +138,10 @@ class BestOfNService:
         if best_of > lim.max_best_of:
             raise InvalidRequest(f"best_of is {best_of}; this server allows at most {lim.max_best_of}",
                                  param="best_of" if req.best_of else "n")
-        if self.reward is None and best_of > req.n:
-            raise InvalidRequest("best_of > n needs a reward model; this server was started with "
-                                 "--reward-model none", param="best_of")
+        if plain and best_of > req.n:
+            raise InvalidRequest(f"best_of > n with selection '{rule.name}' needs a reward model; this server was "
+                                 "started with --reward-model none (reward-free rules: majority, self-certainty)",
+                                 param="best_of")
         max_tokens = req.token_budget or lim.default_max_tokens
         if max_tokens > lim.max_tokens:
             raise InvalidRequest(f"max_tokens is {max_tokens}; this server allows at most {lim.max_tokens}",
@@ -147,7 +182,22 @@ class BestOfNService:
 
     # -- the Best-of-N step ------------------------------------------------------------------
 
-    async def best_of_n(self, prompt: Prompt, params: SamplingParams, n: int) -> Selection:
+    async def best_of_n(self, prompt: Prompt, params: SamplingParams, n: int, rule: SelectionRule,
+                        index: int = 0) -> Selection:
+        """Draw ``params.n`` candidates for the ``index``-th prompt of a request and keep ``n`` by ``rule``."""
+        generation = await self._generate(prompt, params)
+        if self.reward is None and rule.needs_reward:  # best_of == n, checked: plain samples
+            return Selection(generation, None, list(range(n)))
+        rewards = await self._score(prompt, generation) if rule.needs_reward else None
+        seed = None if params.seed is None else derive_seed(params.seed, SELECTION_STREAM, index)
+        try:
+            choice = rule.choose(_candidates(generation, rewards), n, np.random.default_rng(seed))
+        except SelectionError as exc:
+            raise InvalidRequest(str(exc), param="selection") from exc
+        return Selection(generation, rewards, [int(i) for i in choice.chosen], rule,
+                         [float(s) for s in choice.scores])
+
+    async def _generate(self, prompt: Prompt, params: SamplingParams) -> Generation:
         started = time.perf_counter()
         try:
             generation = await self.backend.generate(prompt, params)
@@ -161,10 +211,11 @@ class BestOfNService:
             raise
         except Exception as exc:
             raise GenerationFailed(f"generation failed: {exc}") from exc
-        generated = time.perf_counter()
-        self.metrics.observe_generation(generation, generated - started)
-        if self.reward is None:
-            return Selection(generation, None, list(range(n)))
+        self.metrics.observe_generation(generation, time.perf_counter() - started)
+        return generation
+
+    async def _score(self, prompt: Prompt, generation: Generation) -> list[float]:
+        started = time.perf_counter()
         texts = [c.text for c in generation.candidates]
         loop = asyncio.get_running_loop()
         try:
@@ -172,10 +223,11 @@ class BestOfNService:
                 self._reward_pool, checked_scores, self.reward, [prompt] * len(texts), texts)
         except RewardError as exc:
             raise RewardFailed(str(exc)) from exc
-        self.metrics.reward_seconds.inc(time.perf_counter() - generated)
-        return Selection(generation, rewards, [int(i) for i in bon_select(rewards, n)])
+        self.metrics.reward_seconds.inc(time.perf_counter() - started)
+        return rewards
 
-    async def _admit(self, prompts: list[Prompt], params: SamplingParams, n: int) -> list[Selection]:
+    async def _admit(self, prompts: list[Prompt], params: SamplingParams, n: int,
+                     rule: SelectionRule) -> list[Selection]:
         for prompt in prompts:
             self._check_characters(prompt)
         if self._in_flight >= self.limits.max_in_flight:
@@ -188,7 +240,7 @@ class BestOfNService:
             loop = asyncio.get_running_loop()
             for prompt in prompts:  # one at a time, so other requests' prompts take turns with these
                 await loop.run_in_executor(self._tokenizer_pool, self._check_prompt, prompt, params)
-            return list(await asyncio.gather(*(self.best_of_n(p, params, n) for p in prompts)))
+            return list(await asyncio.gather(*(self.best_of_n(p, params, n, rule, i) for i, p in enumerate(prompts))))
         except asyncio.CancelledError:
             self.metrics.cancelled.inc()
             raise
@@ -199,9 +251,10 @@ class BestOfNService:
     # -- endpoints --------------------------------------------------------------------------
 
     async def chat(self, req: P.ChatCompletionRequest) -> P.ChatCompletionResponse:
-        params = self._params(req)
+        rule = self._rule(req)
+        params = self._params(req, rule)
         prompt = [{"role": m.role, "content": m.content} for m in req.messages]
-        (sel,) = await self._admit([prompt], params, req.n)
+        (sel,) = await self._admit([prompt], params, req.n, rule)
         cands = sel.generation.candidates
         choices = [
             P.ChatChoice(
@@ -218,11 +271,12 @@ class BestOfNService:
         )
 
     async def complete(self, req: P.CompletionRequest) -> P.CompletionResponse:
-        params = self._params(req)
+        rule = self._rule(req)
+        params = self._params(req, rule)
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         if not prompts:
             raise InvalidRequest("prompt must not be empty", param="prompt")
-        selections = await self._admit(prompts, params, req.n)
+        selections = await self._admit(prompts, params, req.n, rule)
         choices = []
         for p, (prompt, sel) in enumerate(zip(prompts, selections)):
             for k, i in enumerate(sel.chosen):
@@ -277,6 +331,19 @@ class BestOfNService:
         self._reward_pool.shutdown(wait=False, cancel_futures=True)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         await self.backend.close()
+
+
+def _candidates(generation: Generation, rewards: list[float] | None) -> Candidates:
+    """What a selection rule reads about a generation's candidates."""
+    cands = generation.candidates
+
+    def known(values: list[float | None]) -> np.ndarray | None:
+        return None if any(v is None for v in values) else np.array(values, dtype=np.float64)
+
+    return Candidates(texts=[c.text for c in cands], num_tokens=np.array([c.num_tokens for c in cands]),
+                      rewards=None if rewards is None else np.asarray(rewards, dtype=np.float64),
+                      logprobs=known([c.logprob for c in cands]),
+                      self_certainty=known([c.self_certainty for c in cands]))
 
 
 def _usage(selections: list[Selection]) -> P.Usage:

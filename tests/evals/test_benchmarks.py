@@ -205,6 +205,24 @@ def test_best_of_n_runs_through_a_bonbench_server_with_the_reward_chosen_per_tas
             assert len(answer) == len(pick[reward](matches[0]["candidates"], key=len))
 
 
+def test_a_selection_rule_adds_a_best_of_n_row_named_by_the_rule(tiny_model_path, tmp_path, monkeypatch):
+    reward_log = tmp_path / "rewards.jsonl"
+    monkeypatch.setenv("BONBENCH_TEST_REWARD_LOG", str(reward_log))
+    cfg = BenchmarkConfig(tasks=["bonbench_qa"], model=tiny_model_path, reference=False, bon_n=[1, 3], limit=3,
+                          reward_model="tests.evals.rewards:shortest",
+                          bon_selection=["bonbench_qa=majority", "bonbench_qa=soft:temperature=0.5"],
+                          out=str(tmp_path / "bon"))
+    table = run(cfg)
+    assert table[["method", "reward", "docs"]].values.tolist() == [
+        ["bon-1", "tests.evals.rewards:shortest", 3],  # of one candidate every rule keeps that one: no rule rows
+        ["bon-3", "majority", 3],
+        ["bon-3", "soft:temperature=0.5(tests.evals.rewards:shortest)", 3],
+        ["bon-3", "tests.evals.rewards:shortest", 3]]
+    # the rule reached the server: majority never called the reward, soft and argmax did, on N = 3
+    sizes = sorted(len(json.loads(line)["candidates"]) for line in reward_log.read_text().splitlines())
+    assert sizes == [1] * 3 + [3] * 6
+
+
 def test_best_of_n_against_a_running_server_records_the_reward_it_reports(tiny_model_path, tmp_path, monkeypatch):
     from bonbench.server.launch import launch_server
 
@@ -265,4 +283,8 @@ def test_an_unreachable_server_and_a_stray_reward_are_refused(tmp_path):
         run(BenchmarkConfig(tasks=["bonbench_qa"], bon_reward=["bonbench_mc=default"], out=str(tmp_path / "b")))
     with pytest.raises(ValueError, match="--bon-reward takes TASK=SPEC"):
         BenchmarkConfig(bon_reward=["bonbench_qa"])
+    with pytest.raises(BenchmarkError, match="--bon-selection names bonbench_if, which is not among the tasks"):
+        run(BenchmarkConfig(tasks=["bonbench_qa"], bon_selection=["bonbench_if=majority"], out=str(tmp_path / "c")))
+    with pytest.raises(ValueError, match="--bon-selection bonbench_qa=vote: unknown selection rule 'vote'"):
+        BenchmarkConfig(bon_selection=["bonbench_qa=vote"])
     assert BenchmarkConfig(bon_n=[0]).bon_n == []  # the command line's way to ask for no Best-of-N

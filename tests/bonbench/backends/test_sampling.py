@@ -117,7 +117,7 @@ def test_candidate_logprob_is_the_sum_of_token_logprobs_and_matches_teacher_forc
         assert c.logprob == pytest.approx(sum(c.token_logprobs), abs=1e-6)
         forced = teacher_forced_logprobs(lm, prompt, c.token_ids)
         per_token = forced.gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
-        assert per_token.tolist() == pytest.approx(c.token_logprobs, abs=1e-4)
+        assert per_token.tolist() == pytest.approx(c.token_logprobs, abs=1e-5)
         assert c.logprob == pytest.approx(float(per_token.sum()), abs=1e-3)
 
 
@@ -131,7 +131,33 @@ def test_logprobs_are_of_the_tempered_distribution_sampled_from(lm):
             logits = model(input_ids=torch.tensor([prompt + c.token_ids])).logits[0].float()
         tempered = torch.log_softmax(logits[len(prompt) - 1 : -1] / 0.5, dim=-1)
         expected = tempered.gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
-        assert expected.tolist() == pytest.approx(c.token_logprobs, abs=1e-4)
+        assert expected.tolist() == pytest.approx(c.token_logprobs, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def peaked_lm(tiny_model_path):
+    """The tiny model with its output layer scaled up: its nearly uniform next-token distributions
+    become peaked, so candidates' self-certainties differ by much more than rounding."""
+    model, tokenizer = load_causal_lm(tiny_model_path)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(5.0)
+    return model, tokenizer, eos_ids(model, tokenizer)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.5, 0.8)])
+def test_self_certainty_is_the_mean_kl_from_uniform_of_the_models_full_distributions(peaked_lm, temperature, top_p):
+    lm = peaked_lm
+    prompt = ids(lm, "Once upon a time")
+    (candidates,) = draw(lm, SampleRequest(prompt, SamplingParams(n=4, max_tokens=12, seed=5,
+                                                                  temperature=temperature, top_p=top_p)))
+    for c in candidates:
+        # the model's own distributions (temperature 1, no top-p), whatever the row sampled from
+        probs = teacher_forced_logprobs(lm, prompt, c.token_ids).double().exp()
+        vocab = probs.shape[-1]
+        kl_per_token = (1.0 / vocab * torch.log((1.0 / vocab) / probs)).sum(-1)  # Σ_v U(v) log(U(v) / p(v))
+        assert c.self_certainty == pytest.approx(float(kl_per_token.mean()), abs=1e-5)
+    values = sorted(c.self_certainty for c in candidates)
+    assert values[-1] - values[0] > 1e-3  # the check above tells candidates apart
 
 
 def test_top_p_draws_only_from_the_nucleus_and_renormalises_within_it(lm):
