@@ -302,7 +302,7 @@ def _machine(cfg: BenchConfig) -> str:
     import os
     import platform
 
-    from distill.precision import native_bf16
+    from bonbench.hardware import native_bf16
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "

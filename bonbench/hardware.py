@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterable
 
 CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX-512 BF16 and AMX; Arm FEAT_BF16
 
@@ -34,12 +35,13 @@ def this_cpu_flags() -> frozenset[str]:
     return cpu_flags(path.read_text()) if path.exists() else frozenset()
 
 
-def native_bf16(device: str) -> bool:
-    """True if ``device`` ("cpu", "cuda", "cuda:1", ...) computes bfloat16 in hardware."""
+def native_bf16(device: str, flags: Iterable[str] | None = None) -> bool:
+    """True if ``device`` ("cpu", "cuda", "cuda:1", ...) computes bfloat16 in hardware; ``flags``: the
+    CPU's feature flags (this machine's when not given)."""
     import torch
 
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device == "cpu":
-        return cpu_has_native_bf16(this_cpu_flags())
+        return cpu_has_native_bf16(set(this_cpu_flags() if flags is None else flags))
     return False

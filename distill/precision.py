@@ -18,47 +18,23 @@ about 0.05: too coarse for the losses. The same benchmark measured what it buys 
 CPU: the log-prob passes 1.46x faster, sampling hardly (small decoding batches), the default J-BOND
 step 0.94x the fp32 time.
 
-``auto`` picks bf16 where it is native (``native_bf16``), fp32 elsewhere: a CPU without
-``avx512_bf16`` / ``amx_bf16`` emulates bf16 matrix products, slower than fp32.
+``auto`` picks bf16 where it is native (``bonbench.hardware.native_bf16``, the one home for that
+check), fp32 elsewhere: a CPU without native bf16 emulates bf16 matrix products, slower than fp32.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Iterable, Literal
 
 import torch
+
+from bonbench.hardware import native_bf16
 
 log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "bf16"]
 PRECISIONS = ("auto", "fp32", "bf16")
-NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    """The CPU feature flags of ``/proc/cpuinfo`` (or of the text given); empty where there is none."""
-    if cpuinfo is None:
-        path = Path("/proc/cpuinfo")
-        cpuinfo = path.read_text() if path.exists() else ""
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":  # x86; other CPUs name no bf16 flag here and train in fp32 under auto
-            return set(value.split())
-    return set()
-
-
-def native_bf16(device: str, flags: Iterable[str] | None = None) -> bool:
-    """Whether ``device`` multiplies bf16 matrices natively: a CPU with one of
-    ``NATIVE_BF16_CPU_FLAGS`` (``flags``: the CPU's, read from ``/proc/cpuinfo`` when not given), or
-    a CUDA device that supports bf16."""
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    have = set(cpu_flags() if flags is None else flags)
-    return any(f in have for f in NATIVE_BF16_CPU_FLAGS)
-
-
 def resolve_precision(requested: str, device: str, flags: Iterable[str] | None = None) -> Precision:
     """``auto`` becomes bf16 where ``native_bf16(device, flags)``, else fp32; ``fp32`` and ``bf16`` stay."""
     if requested not in PRECISIONS:

@@ -9,7 +9,8 @@ import torch
 
 from distill.jbond import JBond, JBondConfig
 from distill.loop import build_context, train
-from distill.precision import cpu_flags, native_bf16, resolve_precision
+from bonbench.hardware import cpu_flags, native_bf16
+from distill.precision import resolve_precision
 from tests.distill.test_trainer import small, trainable_snapshot
 
 SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
