@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from bonbench.backends.base import SamplingParams  # noqa: E402
 from bonbench.backends.sampling import SampleRequest, sample  # noqa: E402
 from bonbench.backends.transformers import encode_prompt, eos_ids, load_causal_lm  # noqa: E402
-from bonbench.config import field, parse_config  # noqa: E402
+from bonbench.config import option, parse_config  # noqa: E402
 from bonbench.logprobs import sequence_logprobs  # noqa: E402
 from bonbench.models import resolve_policy  # noqa: E402
 from bonbench.seeds import derive_seed  # noqa: E402
@@ -38,13 +38,13 @@ from bonbench.seeds import derive_seed  # noqa: E402
 
 @dataclass
 class AgreementConfig:
-    model: str = field("default", "policy: 'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id or folder")
-    reward_model: str = field("default", "reward that picks the best candidate")
-    prompts: int = field(6, "default-task test prompts")
-    n: int = field(8, "candidates per prompt")
-    max_tokens: int = field(48, "new tokens per candidate")
-    seed: int = field(0, "seed the prompts' seeds are derived from")
-    out: str = field("bf16-agreement", "report name: writes reports/bench/<out>.md")
+    model: str = option("default", "policy: 'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id or folder")
+    reward_model: str = option("default", "reward that picks the best candidate")
+    prompts: int = option(6, "default-task test prompts")
+    n: int = option(8, "candidates per prompt")
+    max_tokens: int = option(48, "new tokens per candidate")
+    seed: int = option(0, "seed the prompts' seeds are derived from")
+    out: str = option("bf16-agreement", "report name: writes reports/bench/<out>.md")
 
     def __post_init__(self) -> None:
         if min(self.prompts, self.n, self.max_tokens) < 1:

@@ -43,7 +43,7 @@ from bonbench.backends.base import SamplingParams  # noqa: E402
 from bonbench.backends.engine import Engine  # noqa: E402
 from bonbench.backends.sampling import SampleRequest, sample  # noqa: E402
 from bonbench.backends.transformers import encode_prompt, eos_ids, load_causal_lm  # noqa: E402
-from bonbench.config import field, parse_config  # noqa: E402
+from bonbench.config import option, parse_config  # noqa: E402
 from bonbench.models import pick_dtype, resolve_policy  # noqa: E402
 from bonbench.seeds import derive_seed  # noqa: E402
 
@@ -52,26 +52,26 @@ SECTIONS = ("bon", "plain", "mixed")
 
 @dataclass
 class EngineBenchConfig:
-    model: str = field("default", "policy: 'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id or folder")
-    device: str = field("cpu", "cpu or cuda[:i]")
-    sections: str = field("bon,plain,mixed", "comma-separated sections to run: bon, plain, mixed")
-    dtypes: str = field("float32,bfloat16", "bon section: dtypes to compare (plain and mixed use --dtype)")
-    dtype: str = field("auto", "plain and mixed sections: auto (bonbench.models.pick_dtype for serving) or a dtype")
-    prompts: int = field(4, "bon section: default-task prompts")
-    n: int = field(8, "bon and mixed sections: candidates per Best-of-N request")
-    max_tokens: int = field(32, "bon and plain sections: new tokens per row")
-    clients: str = field("1,4,16", "plain section: concurrent client counts")
-    requests_per_client: int = field(2, "plain section: requests each client sends, one after the other")
-    long_requests: int = field(2, "mixed section: long Best-of-N requests")
-    long_tokens: int = field(96, "mixed section: max_tokens of a long request")
-    long_every: float = field(4.0, "mixed section: seconds between long requests")
-    short_requests: int = field(8, "mixed section: short n=1 requests")
-    short_tokens: int = field(4, "mixed section: max_tokens of a short request")
-    short_every: float = field(1.0, "mixed section: seconds between short requests (the first at 0.5 s)")
-    repeats: int = field(2, "bon and plain sections: runs of each measurement, interleaved; the fastest is kept "
+    model: str = option("default", "policy: 'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id or folder")
+    device: str = option("cpu", "cpu or cuda[:i]")
+    sections: str = option("bon,plain,mixed", "comma-separated sections to run: bon, plain, mixed")
+    dtypes: str = option("float32,bfloat16", "bon section: dtypes to compare (plain and mixed use --dtype)")
+    dtype: str = option("auto", "plain and mixed sections: auto (bonbench.models.pick_dtype for serving) or a dtype")
+    prompts: int = option(4, "bon section: default-task prompts")
+    n: int = option(8, "bon and mixed sections: candidates per Best-of-N request")
+    max_tokens: int = option(32, "bon and plain sections: new tokens per row")
+    clients: str = option("1,4,16", "plain section: concurrent client counts")
+    requests_per_client: int = option(2, "plain section: requests each client sends, one after the other")
+    long_requests: int = option(2, "mixed section: long Best-of-N requests")
+    long_tokens: int = option(96, "mixed section: max_tokens of a long request")
+    long_every: float = option(4.0, "mixed section: seconds between long requests")
+    short_requests: int = option(8, "mixed section: short n=1 requests")
+    short_tokens: int = option(4, "mixed section: max_tokens of a short request")
+    short_every: float = option(1.0, "mixed section: seconds between short requests (the first at 0.5 s)")
+    repeats: int = option(2, "bon and plain sections: runs of each measurement, interleaved; the fastest is kept "
                             "(on a shared machine other work only ever slows a run down)")
-    seed: int = field(0, "seed every request's seed is derived from")
-    out: str = field("engine", "report name: writes reports/bench/<out>.md and .json")
+    seed: int = option(0, "seed every request's seed is derived from")
+    out: str = option("engine", "report name: writes reports/bench/<out>.md and .json")
 
     def __post_init__(self) -> None:
         unknown = set(self.section_list) - set(SECTIONS)

@@ -34,26 +34,26 @@ from typing import Iterator
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bonbench.config import field, parse_config  # noqa: E402
+from bonbench.config import option, parse_config  # noqa: E402
 from bonbench.seeds import derive_seed  # noqa: E402
 from bonbench.server.launch import ServerProcess, launch_server  # noqa: E402
 
 
 @dataclass
 class BenchConfig:
-    model: str = field("default", "policy: 'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id or folder")
-    backend: str = field("transformers", "transformers or vllm (both servers use it)")
-    device: str = field("cpu", "cpu or cuda[:i]")
-    threads: int = field(0, "torch CPU threads of each server (0: torch's default)")
-    reward_model: str = field("default", "reward of the Best-of-N server")
-    n: int = field(8, "candidates per Best-of-N request")
-    max_tokens: int = field(48, "new tokens asked for per candidate")
-    latency_requests: int = field(10, "sequential requests for the latency percentiles")
-    requests: int = field(64, "requests in the throughput run")
-    concurrency: int = field(16, "concurrent clients in the throughput run")
-    seed: int = field(0, "seed the requests' seeds are derived from (bonbench.seeds.derive_seed)")
-    startup_timeout: float = field(600.0, "seconds to wait for a server's /health")
-    out: str = field("serve", "report name: writes reports/bench/<out>.json and .md")
+    model: str = option("default", "policy: 'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id or folder")
+    backend: str = option("transformers", "transformers or vllm (both servers use it)")
+    device: str = option("cpu", "cpu or cuda[:i]")
+    threads: int = option(0, "torch CPU threads of each server (0: torch's default)")
+    reward_model: str = option("default", "reward of the Best-of-N server")
+    n: int = option(8, "candidates per Best-of-N request")
+    max_tokens: int = option(48, "new tokens asked for per candidate")
+    latency_requests: int = option(10, "sequential requests for the latency percentiles")
+    requests: int = option(64, "requests in the throughput run")
+    concurrency: int = option(16, "concurrent clients in the throughput run")
+    seed: int = option(0, "seed the requests' seeds are derived from (bonbench.seeds.derive_seed)")
+    startup_timeout: float = option(600.0, "seconds to wait for a server's /health")
+    out: str = option("serve", "report name: writes reports/bench/<out>.json and .md")
 
     def __post_init__(self) -> None:
         for name in ("n", "max_tokens", "latency_requests", "requests", "concurrency"):

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 import bonbench  # noqa: E402, F401  (before torch: it sets OMP_WAIT_POLICY, without which a shared CPU crawls)
 import torch  # noqa: E402
 
-from bonbench.config import field, parse_config  # noqa: E402
+from bonbench.config import option, parse_config  # noqa: E402
 
 PARTS = ("trl", "trl-nogc", "rloo", "sampler", "jbond-fp32", "jbond-bf16")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -51,20 +51,20 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class BenchConfig:
-    model: str = field("default", "policy: 'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id or folder")
-    reward_model: str = field("default", "reward, as distill's --reward-model")
-    device: str = field("cpu", "cpu or cuda")
-    threads: int = field(0, "torch CPU threads (0: torch's default)")
-    parts: list[str] = field([p for p in PARTS if p != "trl"], f"what to measure, in order: any of {', '.join(PARTS)}")
-    steps: int = field(2, "optimiser steps per trainer (the first includes warm-up)")
-    prompts: int = field(8, "prompts per step (RLOO: each sampled --samples times)")
-    samples: int = field(2, "RLOO completions per prompt")
-    max_tokens: int = field(40, "most tokens per completion")
-    lora_r: int = field(16, "LoRA rank (alpha = 2r), every linear layer of every block for TRL and rloo")
-    beta_rl: float = field(0.01, "RLOO's KL coefficient")
-    lr: float = field(1e-4, "learning rate of both RLOO trainers")
-    seed: int = field(0, "seed of the prompts' order, LoRA initialisation and sampling")
-    out: str = field("trainer_step", "report name (no folder): writes reports/bench/<out>.md and .json")
+    model: str = option("default", "policy: 'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id or folder")
+    reward_model: str = option("default", "reward, as distill's --reward-model")
+    device: str = option("cpu", "cpu or cuda")
+    threads: int = option(0, "torch CPU threads (0: torch's default)")
+    parts: list[str] = option([p for p in PARTS if p != "trl"], f"what to measure, in order: any of {', '.join(PARTS)}")
+    steps: int = option(2, "optimiser steps per trainer (the first includes warm-up)")
+    prompts: int = option(8, "prompts per step (RLOO: each sampled --samples times)")
+    samples: int = option(2, "RLOO completions per prompt")
+    max_tokens: int = option(40, "most tokens per completion")
+    lora_r: int = option(16, "LoRA rank (alpha = 2r), every linear layer of every block for TRL and rloo")
+    beta_rl: float = option(0.01, "RLOO's KL coefficient")
+    lr: float = option(1e-4, "learning rate of both RLOO trainers")
+    seed: int = option(0, "seed of the prompts' order, LoRA initialisation and sampling")
+    out: str = option("trainer_step", "report name (no folder): writes reports/bench/<out>.md and .json")
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.parts if p not in PARTS]

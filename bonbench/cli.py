@@ -20,9 +20,9 @@ USAGE_ERROR = 2
 
 def log_level_option():
     """The ``--log-level`` option every command's config declares (``log_level: str = log_level_option()``)."""
-    from bonbench.config import field
+    from bonbench.config import option
 
-    return field("info", f"{', '.join(LOG_LEVELS)}; debug also shows the traceback of a bad option")
+    return option("info", f"{', '.join(LOG_LEVELS)}; debug also shows the traceback of a bad option")
 
 
 def setup_logging(level: str) -> None:

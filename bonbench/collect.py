@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from bonbench.cli import log_level_option
-from bonbench.config import field
+from bonbench.config import option
 from bonbench.errors import UserError
 from bonbench.models import DEFAULT_POLICY, locate_model
 from bonbench.rewards import REWARD_HELP
@@ -39,29 +39,29 @@ class SamplingOptions:
     (``bonbench measure``, ``evals.xsum``): each command's config derives from this one, adds its
     ``policy`` and ``out`` and may change a default."""
 
-    model: str = field("default", "the reference policy: 'default' (embedded SmolLM2-135M-Instruct), "
+    model: str = option("default", "the reference policy: 'default' (embedded SmolLM2-135M-Instruct), "
                                   "a Hugging Face id or a folder")
-    reward_model: str = field("default", REWARD_HELP)
-    judge_model: str = field("", "the judge's model name on its server, for --reward-model judge")
-    judge_base_url: str = field("", "OpenAI-compatible base URL of the judge (default: OpenAI's)")
-    judge_api_key_env: str = field("", "name of the environment variable that holds the judge's API key "
+    reward_model: str = option("default", REWARD_HELP)
+    judge_model: str = option("", "the judge's model name on its server, for --reward-model judge")
+    judge_base_url: str = option("", "OpenAI-compatible base URL of the judge (default: OpenAI's)")
+    judge_api_key_env: str = option("", "name of the environment variable that holds the judge's API key "
                                        "(e.g. OPENAI_API_KEY; the key itself is never written to run.json)")
-    task: str = field("default", "prompt set: 'default' (shipped news passages), 'xsum', or a dataset "
+    task: str = option("default", "prompt set: 'default' (shipped news passages), 'xsum', or a dataset "
                                  "with XSum's columns")
-    split: str = field("test", "split of the task")
-    limit: int = field(0, "number of prompts, the first of the split (0: all)")
-    ns: list[int] = field([1, 2, 4, 8, 16], "the N values of Best-of-N")
-    k: int = field(16, "reference samples per prompt: the reward distribution quantiles are taken against")
-    pool: int = field(0, "candidate samples per prompt that Best-of-N selects from (0: the largest N)")
-    policy_samples: int = field(4, "samples per prompt from --policy")
-    max_tokens: int = field(48, "most tokens per answer")
-    temperature: float = field(1.0, "sampling temperature of the reference (the policy samples at 1)")
-    batch_prompts: int = field(2, "prompts per sampling batch (each brings k + pool rows)")
-    logprob_batch: int = field(16, "answers per teacher-forced forward pass (policy KL)")
-    seed: int = field(0, "random seed; each prompt's samples depend only on it and the prompt's index")
-    dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16")
-    device: str = field("cpu", "cpu or cuda[:i]")
-    threads: int = field(0, "torch CPU threads (0: torch's default)")
+    split: str = option("test", "split of the task")
+    limit: int = option(0, "number of prompts, the first of the split (0: all)")
+    ns: list[int] = option([1, 2, 4, 8, 16], "the N values of Best-of-N")
+    k: int = option(16, "reference samples per prompt: the reward distribution quantiles are taken against")
+    pool: int = option(0, "candidate samples per prompt that Best-of-N selects from (0: the largest N)")
+    policy_samples: int = option(4, "samples per prompt from --policy")
+    max_tokens: int = option(48, "most tokens per answer")
+    temperature: float = option(1.0, "sampling temperature of the reference (the policy samples at 1)")
+    batch_prompts: int = option(2, "prompts per sampling batch (each brings k + pool rows)")
+    logprob_batch: int = option(16, "answers per teacher-forced forward pass (policy KL)")
+    seed: int = option(0, "random seed; each prompt's samples depend only on it and the prompt's index")
+    dtype: str = option("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16")
+    device: str = option("cpu", "cpu or cuda[:i]")
+    threads: int = option(0, "torch CPU threads (0: torch's default)")
     log_level: str = log_level_option()
 
     def __post_init__(self) -> None:

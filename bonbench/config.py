@@ -15,7 +15,7 @@ import yaml
 C = TypeVar("C")
 
 
-def field(default: Any = dataclasses.MISSING, help: str = "", flag: str | None = None, **kw) -> Any:
+def option(default: Any = dataclasses.MISSING, help: str = "", flag: str | None = None, **kw) -> Any:
     """A dataclass field with a ``--help`` line; ``flag`` replaces the option's name (``--from`` for
     a field that cannot be called ``from``)."""
     metadata = {"help": help, "flag": flag}

@@ -100,7 +100,7 @@ from pathlib import Path
 
 from bonbench.cli import run_command, setup_logging
 from bonbench.collect import SamplingOptions
-from bonbench.config import field, parse_config
+from bonbench.config import option, parse_config
 from bonbench.samplestore import SampleStore, pool_settings
 
 log = logging.getLogger("bonbench.measure")
@@ -110,9 +110,9 @@ log = logging.getLogger("bonbench.measure")
 class MeasureConfig(SamplingOptions):
     """``bonbench.collect.SamplingOptions`` (model, reward, task, pool and sampling) and these."""
 
-    policy: str = field("", "a policy to compare with Best-of-N: a model folder, or a PEFT LoRA adapter "
+    policy: str = option("", "a policy to compare with Best-of-N: a model folder, or a PEFT LoRA adapter "
                             "folder (adapter_config.json) applied to --model")
-    out: str = field("", "output folder (default: runs/measure/<timestamp>); an existing one is resumed")
+    out: str = option("", "output folder (default: runs/measure/<timestamp>); an existing one is resumed")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from bonbench.cli import log_level_option, setup_logging
-from bonbench.config import field, parse_config
+from bonbench.config import option, parse_config
 from bonbench.rewards import REWARD_HELP
 
 log = logging.getLogger("bonbench.serve")
@@ -21,38 +21,38 @@ log = logging.getLogger("bonbench.serve")
 
 @dataclass
 class ServeConfig:
-    n: int = field(8, "candidates drawn per request (a request's best_of overrides it)")
-    model: str = field("default", "'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id or a folder")
-    served_model_name: str = field("", "the name clients send as 'model' (default: derived from --model)")
-    backend: str = field("transformers", "transformers (in-process, CPU or GPU) or vllm (in-process, GPU)")
-    upstream: str = field("", "base URL of an OpenAI-compatible server to draw candidates from "
+    n: int = option(8, "candidates drawn per request (a request's best_of overrides it)")
+    model: str = option("default", "'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id or a folder")
+    served_model_name: str = option("", "the name clients send as 'model' (default: derived from --model)")
+    backend: str = option("transformers", "transformers (in-process, CPU or GPU) or vllm (in-process, GPU)")
+    upstream: str = option("", "base URL of an OpenAI-compatible server to draw candidates from "
                               "(e.g. http://127.0.0.1:8001/v1); replaces --backend")
-    upstream_model: str = field("", "model name at the upstream (default: its first)")
-    upstream_api_key: str = field("", "API key for the upstream")
-    reward_model: str = field("default", REWARD_HELP)
-    selection: str = field("argmax", "how to choose among the N (a request's 'selection' overrides it): argmax, "
+    upstream_model: str = option("", "model name at the upstream (default: its first)")
+    upstream_api_key: str = option("", "API key for the upstream")
+    reward_model: str = option("default", REWARD_HELP)
+    selection: str = option("argmax", "how to choose among the N (a request's 'selection' overrides it): argmax, "
                                      "soft, regularized, self-certainty or majority; NAME:key=value,... sets "
                                      "parameters, e.g. soft:temperature=0.5")
-    judge_model: str = field("", "model name for --reward-model judge")
-    judge_base_url: str = field("", "OpenAI-compatible base URL of the judge (default: OpenAI's)")
-    judge_api_key: str = field("", "API key of the judge")
-    host: str = field("127.0.0.1", "interface to bind; 0.0.0.0 exposes the server to the network")
-    port: int = field(8000, "port to bind")
-    api_key: str = field("", "if set, clients must send 'Authorization: Bearer <key>'")
-    max_best_of: int = field(64, "largest N a request may ask for")
-    max_tokens: int = field(1024, "largest max_tokens a request may ask for")
-    default_max_tokens: int = field(128, "max_tokens when a request gives none")
-    max_prompt_tokens: int = field(4096, "longest prompt accepted, in tokens")
-    max_in_flight: int = field(256, "requests accepted at once; more are answered 503")
-    max_body_mb: float = field(8.0, "largest request body accepted, in MB (2^20 bytes); larger ones get a 413, unread")
-    max_batch_rows: int = field(64, "transformers backend: most candidates decoded in one batch")
-    max_batch_tokens: int = field(512, "transformers backend: tokens per step, one per decoding row plus prompt "
+    judge_model: str = option("", "model name for --reward-model judge")
+    judge_base_url: str = option("", "OpenAI-compatible base URL of the judge (default: OpenAI's)")
+    judge_api_key: str = option("", "API key of the judge")
+    host: str = option("127.0.0.1", "interface to bind; 0.0.0.0 exposes the server to the network")
+    port: int = option(8000, "port to bind")
+    api_key: str = option("", "if set, clients must send 'Authorization: Bearer <key>'")
+    max_best_of: int = option(64, "largest N a request may ask for")
+    max_tokens: int = option(1024, "largest max_tokens a request may ask for")
+    default_max_tokens: int = option(128, "max_tokens when a request gives none")
+    max_prompt_tokens: int = option(4096, "longest prompt accepted, in tokens")
+    max_in_flight: int = option(256, "requests accepted at once; more are answered 503")
+    max_body_mb: float = option(8.0, "largest request body accepted, in MB (2^20 bytes); larger ones get a 413, unread")
+    max_batch_rows: int = option(64, "transformers backend: most candidates decoded in one batch")
+    max_batch_tokens: int = option(512, "transformers backend: tokens per step, one per decoding row plus prompt "
                                        "chunks prefilled")
-    device: str = field("cpu", "cpu or cuda[:i]")
-    dtype: str = field("auto", "auto (bf16 on GPUs and CPUs that compute it natively, else fp32), float32, "
+    device: str = option("cpu", "cpu or cuda[:i]")
+    dtype: str = option("auto", "auto (bf16 on GPUs and CPUs that compute it natively, else fp32), float32, "
                        "bfloat16, float16")
-    threads: int = field(0, "torch CPU threads (0: torch's default)")
-    gpu_memory_utilization: float = field(0.9, "vllm backend: share of GPU memory for the engine")
+    threads: int = option(0, "torch CPU threads (0: torch's default)")
+    gpu_memory_utilization: float = option(0.9, "vllm backend: share of GPU memory for the engine")
     log_level: str = log_level_option()
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from bonbench.cli import run_command
-from bonbench.config import field
+from bonbench.config import option
 from distill.config import TrainConfig
 from distill.loop import Batch, Context, run_recipe
 from distill.losses import LossOutput, best_and_worst, bonbon_loss
@@ -19,9 +19,9 @@ from distill.losses import LossOutput, best_and_worst, bonbon_loss
 
 @dataclass
 class BonBonConfig(TrainConfig):
-    n: int = field(8, "reference samples per prompt; the best and the worst are used")
-    alpha: float = field(0.5, "weight of the SFT term; 1 - alpha on the log-ratio gap term")
-    out: str = field("runs/bonbon", "run folder")
+    n: int = option(8, "reference samples per prompt; the best and the worst are used")
+    alpha: float = option(0.5, "weight of the SFT term; 1 - alpha on the log-ratio gap term")
+    out: str = option("runs/bonbon", "run folder")
 
     def __post_init__(self) -> None:
         super().__post_init__()

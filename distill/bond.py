@@ -25,7 +25,7 @@ import torch
 
 from bonbench import bon
 from bonbench.cli import run_command
-from bonbench.config import field
+from bonbench.config import option
 from bonbench.seeds import derive_seed
 from distill.config import TrainConfig
 from distill.loop import Batch, Context, run_recipe
@@ -34,12 +34,12 @@ from distill.losses import LossOutput, best_of_n_weights, bond_loss
 
 @dataclass
 class BondConfig(TrainConfig):
-    n: int = field(8, "N of the Best-of-N target (iterative BOND: the small n of each phase)")
-    beta: float = field(0.5, "Jeffreys weight: 0 forward only (BoN-SFT), 1 backward only (vBoN), 0.5 BOND")
-    k: int = field(8, "reference samples per prompt (quantiles and the forward target); k >= n")
-    samples: int = field(2, "policy samples per prompt for the backward term (>= 2 gives a baseline)")
-    anchor_every: int = field(0, "iterative BOND: replace the anchor by the policy every T steps (0: off)")
-    out: str = field("runs/bond", "run folder")
+    n: int = option(8, "N of the Best-of-N target (iterative BOND: the small n of each phase)")
+    beta: float = option(0.5, "Jeffreys weight: 0 forward only (BoN-SFT), 1 backward only (vBoN), 0.5 BOND")
+    k: int = option(8, "reference samples per prompt (quantiles and the forward target); k >= n")
+    samples: int = option(2, "policy samples per prompt for the backward term (>= 2 gives a baseline)")
+    anchor_every: int = option(0, "iterative BOND: replace the anchor by the policy every T steps (0: off)")
+    out: str = option("runs/bond", "run folder")
 
     def __post_init__(self) -> None:
         super().__post_init__()

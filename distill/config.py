@@ -5,65 +5,65 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bonbench.cli import log_level_option
-from bonbench.config import field
+from bonbench.config import option
 from distill.precision import PRECISIONS
 
 
 @dataclass
 class TrainConfig:
     # -- models -------------------------------------------------------------------------------
-    model: str = field("default", "reference policy: 'default' (embedded SmolLM2-135M-Instruct), hub id or folder")
-    reward_model: str = field("default", "reward: 'default', a HF reward model, 'module:function' or 'judge' "
+    model: str = option("default", "reference policy: 'default' (embedded SmolLM2-135M-Instruct), hub id or folder")
+    reward_model: str = option("default", "reward: 'default', a HF reward model, 'module:function' or 'judge' "
                                          "(an LLM judge: see --judge-model)")
-    judge_model: str = field("", "--reward-model judge: the judge's model name at --judge-base-url")
-    judge_base_url: str = field("", "--reward-model judge: OpenAI-compatible base URL of the judge "
+    judge_model: str = option("", "--reward-model judge: the judge's model name at --judge-base-url")
+    judge_base_url: str = option("", "--reward-model judge: OpenAI-compatible base URL of the judge "
                                     "(default: OpenAI's), e.g. http://127.0.0.1:8001/v1")
-    judge_api_key_env: str = field("OPENAI_API_KEY", "--reward-model judge: environment variable holding the "
+    judge_api_key_env: str = option("OPENAI_API_KEY", "--reward-model judge: environment variable holding the "
                                                      "judge's API key (the key itself never lands in the run folder)")
-    lora: bool = field(True, "train LoRA adapters (policy and anchor share the base); false: full fine-tuning")
-    lora_r: int = field(16, "LoRA rank")
-    lora_alpha: int = field(32, "LoRA alpha")
-    lora_targets: list[str] = field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    lora: bool = option(True, "train LoRA adapters (policy and anchor share the base); false: full fine-tuning")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha")
+    lora_targets: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                     "modules that get LoRA adapters")
-    lora_top_layers: int = field(8, "LoRA on the top L transformer layers only (0: all). Exact, and cheap: "
+    lora_top_layers: int = option(8, "LoRA on the top L transformer layers only (0: all). Exact, and cheap: "
                                     "the frozen layers below build no autograd graph")
-    generation: str = field("transformers", "sampling engine: 'transformers' (in-process) or 'vllm' "
+    generation: str = option("transformers", "sampling engine: 'transformers' (in-process) or 'vllm' "
                                             "(a vLLM engine synced to the trained weights; see distill/vllm_generation.py)")
-    vllm_gpu_memory_utilization: float = field(0.5, "--generation vllm: share of the GPU's memory vLLM may take "
+    vllm_gpu_memory_utilization: float = option(0.5, "--generation vllm: share of the GPU's memory vLLM may take "
                                                     "(weights and KV cache); the trainer needs the rest")
-    vllm_max_model_len: int = field(0, "--generation vllm: context length of vLLM's KV cache in tokens "
+    vllm_max_model_len: int = option(0, "--generation vllm: context length of vLLM's KV cache in tokens "
                                        "(0: the model's own); prompt + max_tokens must fit")
-    vllm_enforce_eager: bool = field(False, "--generation vllm: no CUDA graphs or torch.compile "
+    vllm_enforce_eager: bool = option(False, "--generation vllm: no CUDA graphs or torch.compile "
                                             "(starts faster, decodes slower)")
-    dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16")
-    device: str = field("auto", "auto (cuda if available, else cpu), cpu or cuda")
-    precision: str = field("auto", "auto (bf16 where the device computes it natively: avx512_bf16/amx_bf16 CPUs, "
+    dtype: str = option("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16")
+    device: str = option("auto", "auto (cuda if available, else cpu), cpu or cuda")
+    precision: str = option("auto", "auto (bf16 where the device computes it natively: avx512_bf16/amx_bf16 CPUs, "
                                    "bf16 GPUs; else fp32), fp32 or bf16: the frozen layers below the LoRA layers "
                                    "run in bf16; adapters, LoRA weights and losses stay fp32 (distill/precision.py)")
     # -- data ---------------------------------------------------------------------------------
-    task: str = field("default", "prompt set: 'default' (shipped news passages), 'xsum', or a dataset with XSum's columns")
-    train_limit: int = field(0, "use only the first N training prompts (0: all)")
-    eval_split: str = field("test", "split for periodic evaluation")
-    eval_prompts: int = field(16, "held-out prompts per evaluation (0: no evaluation)")
-    eval_k: int = field(8, "reference samples per evaluation prompt (for quantiles and win rate)")
+    task: str = option("default", "prompt set: 'default' (shipped news passages), 'xsum', or a dataset with XSum's columns")
+    train_limit: int = option(0, "use only the first N training prompts (0: all)")
+    eval_split: str = option("test", "split for periodic evaluation")
+    eval_prompts: int = option(16, "held-out prompts per evaluation (0: no evaluation)")
+    eval_k: int = option(8, "reference samples per evaluation prompt (for quantiles and win rate)")
     # -- optimisation -------------------------------------------------------------------------
-    steps: int = field(24, "optimiser steps")
-    batch_prompts: int = field(8, "prompts per optimiser step (split over grad_accum micro-batches)")
-    grad_accum: int = field(1, "micro-batches per optimiser step")
-    lr: float = field(3e-4, "Adam learning rate (LoRA: ~1e-4..5e-4; full fine-tuning: ~1e-6..1e-5)")
-    warmup_steps: int = field(4, "linear learning-rate warm-up")
-    max_grad_norm: float = field(1.0, "gradient clipping (0: off)")
-    max_tokens: int = field(40, "tokens per sampled answer")
-    temperature: float = field(1.0, "sampling temperature (1: samples from pi itself, as the losses assume)")
-    seed: int = field(0, "seed for data order, sampling and initialisation")
+    steps: int = option(24, "optimiser steps")
+    batch_prompts: int = option(8, "prompts per optimiser step (split over grad_accum micro-batches)")
+    grad_accum: int = option(1, "micro-batches per optimiser step")
+    lr: float = option(3e-4, "Adam learning rate (LoRA: ~1e-4..5e-4; full fine-tuning: ~1e-6..1e-5)")
+    warmup_steps: int = option(4, "linear learning-rate warm-up")
+    max_grad_norm: float = option(1.0, "gradient clipping (0: off)")
+    max_tokens: int = option(40, "tokens per sampled answer")
+    temperature: float = option(1.0, "sampling temperature (1: samples from pi itself, as the losses assume)")
+    seed: int = option(0, "seed for data order, sampling and initialisation")
     # -- bookkeeping --------------------------------------------------------------------------
-    out: str = field("runs/distill", "run folder: checkpoints, metrics.jsonl, TensorBoard events, eval")
-    eval_every: int = field(12, "evaluate every N steps (and at the start and the end)")
-    save_every: int = field(10, "checkpoint every N steps (and at the end)")
-    resume: bool = field(True, "continue from the run folder's checkpoint if there is one")
-    threads: int = field(0, "torch CPU threads (0: torch's default)")
+    out: str = option("runs/distill", "run folder: checkpoints, metrics.jsonl, TensorBoard events, eval")
+    eval_every: int = option(12, "evaluate every N steps (and at the start and the end)")
+    save_every: int = option(10, "checkpoint every N steps (and at the end)")
+    resume: bool = option(True, "continue from the run folder's checkpoint if there is one")
+    threads: int = option(0, "torch CPU threads (0: torch's default)")
     log_level: str = log_level_option()
-    diagnostics: bool = field(False, "per step, also the gradient norm of each loss term and their cosines "
+    diagnostics: bool = option(False, "per step, also the gradient norm of each loss term and their cosines "
                                      "(one extra backward pass per term; off: a step costs what it did)")
 
     def __post_init__(self) -> None:

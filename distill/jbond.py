@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from bonbench.cli import run_command
-from bonbench.config import field
+from bonbench.config import option
 from bonbench.seeds import derive_seed
 from distill.config import TrainConfig
 from distill.loop import Batch, Context, run_recipe
@@ -43,13 +43,13 @@ from distill.losses import LossOutput, best_and_worst, jbond_loss
 
 @dataclass
 class JBondConfig(TrainConfig):
-    lr: float = field(1e-3, "Adam learning rate; 1e-3 suits the default's 24 LoRA steps (measured against 3e-4 "
+    lr: float = option(1e-3, "Adam learning rate; 1e-3 suits the default's 24 LoRA steps (measured against 3e-4 "
                             "and 5e-4 in reports/jbond-default/); use less for long runs")
-    beta: float = field(0.5, "Jeffreys weight: 0 forward KL only, 1 backward KL only (paper: 0.5)")
-    eta: float = field(0.02, "EMA rate of the anchor (paper: 0.02)")
-    gamma: float = field(0.0, "extra KL(pi || anchor) regularisation (paper: 0 to 2)")
-    baseline: bool = field(True, "leave-one-out baseline over the micro-batch's prompts")
-    out: str = field("runs/jbond", "run folder")
+    beta: float = option(0.5, "Jeffreys weight: 0 forward KL only, 1 backward KL only (paper: 0.5)")
+    eta: float = option(0.02, "EMA rate of the anchor (paper: 0.02)")
+    gamma: float = option(0.0, "extra KL(pi || anchor) regularisation (paper: 0 to 2)")
+    baseline: bool = option(True, "leave-one-out baseline over the micro-batch's prompts")
+    out: str = option("runs/jbond", "run folder")
 
     def __post_init__(self) -> None:
         super().__post_init__()

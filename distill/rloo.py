@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bonbench.cli import run_command
-from bonbench.config import field
+from bonbench.config import option
 from distill.config import TrainConfig
 from distill.loop import Batch, Context, run_recipe
 from distill.losses import LossOutput, rloo_loss
@@ -20,9 +20,9 @@ from distill.losses import LossOutput, rloo_loss
 
 @dataclass
 class RlooConfig(TrainConfig):
-    beta_rl: float = field(0.01, "KL coefficient to the reference")
-    samples: int = field(2, "policy samples per prompt (>= 2)")
-    out: str = field("runs/rloo", "run folder")
+    beta_rl: float = option(0.01, "KL coefficient to the reference")
+    samples: int = option(2, "policy samples per prompt (>= 2)")
+    out: str = option("runs/rloo", "run folder")
 
     def __post_init__(self) -> None:
         super().__post_init__()

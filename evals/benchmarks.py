@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Iterator
 
 from bonbench.cli import log_level_option, run_command, setup_logging
-from bonbench.config import field, parse_config
+from bonbench.config import option, parse_config
 from bonbench.errors import UserError
 
 log = logging.getLogger("evals.benchmarks")
@@ -66,35 +66,35 @@ class BenchmarkError(UserError, ValueError):
 
 @dataclass
 class BenchmarkConfig:
-    tasks: list[str] = field(["bonbench_qa", "bonbench_mc", "bonbench_if"],
+    tasks: list[str] = option(["bonbench_qa", "bonbench_mc", "bonbench_if"],
                              "lm-eval task, group or tag names; the local ones are bonbench_qa, bonbench_mc, "
                              "bonbench_if (tag: bonbench)")
-    model: str = field("default", "the reference: 'default' (embedded SmolLM2-135M-Instruct), a hub id or a folder")
-    reference: bool = field(True, "evaluate the reference itself (lm-eval's hf model)")
-    policies: list[str] = field([], "policy folders to evaluate with lm-eval's hf model: merged checkpoints, or "
+    model: str = option("default", "the reference: 'default' (embedded SmolLM2-135M-Instruct), a hub id or a folder")
+    reference: bool = option(True, "evaluate the reference itself (lm-eval's hf model)")
+    policies: list[str] = option([], "policy folders to evaluate with lm-eval's hf model: merged checkpoints, or "
                                     "LoRA adapters (adapter_config.json) put on --model with peft=")
-    bon_n: list[int] = field([4], "Best-of-N sizes, served by bonbench serve (0: no Best-of-N)")
-    reward_model: str = field("default", "the reward that picks Best-of-N's answer on tasks without --bon-reward "
+    bon_n: list[int] = option([4], "Best-of-N sizes, served by bonbench serve (0: no Best-of-N)")
+    reward_model: str = option("default", "the reward that picks Best-of-N's answer on tasks without --bon-reward "
                                          "(any bonbench serve --reward-model spec)")
-    bon_reward: list[str] = field([], "TASK=SPEC: the reward for Best-of-N on TASK (repeatable)")
-    bon_selection: list[str] = field([], "TASK=RULE: also run Best-of-N on TASK with this selection rule (majority, "
+    bon_reward: list[str] = option([], "TASK=SPEC: the reward for Best-of-N on TASK (repeatable)")
+    bon_selection: list[str] = option([], "TASK=RULE: also run Best-of-N on TASK with this selection rule (majority, "
                                          "self-certainty, soft, regularized; RULE:key=value,... for parameters), "
                                          "one row per rule beside the reward's argmax (repeatable)")
-    bon_temperature: float = field(1.0, "sampling temperature of Best-of-N's candidates")
-    bon_base_url: str = field("", "use this running bonbench server (…/v1) instead of starting one; its own "
+    bon_temperature: float = option(1.0, "sampling temperature of Best-of-N's candidates")
+    bon_base_url: str = option("", "use this running bonbench server (…/v1) instead of starting one; its own "
                                   "reward picks the answers")
-    serve_args: str = field("", "more arguments for the bonbench serve this command starts, e.g. "
+    serve_args: str = option("", "more arguments for the bonbench serve this command starts, e.g. "
                                 "'--backend vllm --device cuda'")
-    concurrent: int = field(4, "Best-of-N requests in flight (the server batches them)")
-    limit: float = field(0, "documents per task: a count, a fraction below 1, or 0 for all")
-    num_fewshot: int = field(-1, "few-shot examples (-1: each task's own default)")
-    chat_template: bool = field(True, "wrap prompts in the model's chat template (Best-of-N needs it)")
-    batch_size: int = field(8, "hf model: batch size")
-    device: str = field("cpu", "cpu or cuda[:i] (the hf model and the started server)")
-    dtype: str = field("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16")
-    bootstrap_iters: int = field(1000, "lm-eval's bootstrap draws for standard errors that need them")
-    seed: int = field(1234, "lm-eval's random, numpy, torch and few-shot seeds")
-    out: str = field("runs/benchmarks", "run folder")
+    concurrent: int = option(4, "Best-of-N requests in flight (the server batches them)")
+    limit: float = option(0, "documents per task: a count, a fraction below 1, or 0 for all")
+    num_fewshot: int = option(-1, "few-shot examples (-1: each task's own default)")
+    chat_template: bool = option(True, "wrap prompts in the model's chat template (Best-of-N needs it)")
+    batch_size: int = option(8, "hf model: batch size")
+    device: str = option("cpu", "cpu or cuda[:i] (the hf model and the started server)")
+    dtype: str = option("auto", "auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16")
+    bootstrap_iters: int = option(1000, "lm-eval's bootstrap draws for standard errors that need them")
+    seed: int = option(1234, "lm-eval's random, numpy, torch and few-shot seeds")
+    out: str = option("runs/benchmarks", "run folder")
     log_level: str = log_level_option()
 
     def __post_init__(self) -> None:

@@ -52,7 +52,7 @@ from typing import Iterator
 import numpy as np
 
 from bonbench.cli import log_level_option, run_command, setup_logging
-from bonbench.config import field, parse_config
+from bonbench.config import option, parse_config
 from bonbench.errors import UserError
 from bonbench.tables import write_tables
 from evals import metrics
@@ -71,38 +71,38 @@ class InputError(UserError, ValueError):
 
 @dataclass
 class JudgeConfig:
-    a: str = field("", "answers of method A: .parquet, .csv or .jsonl with prompt_id, prompt, answer [, reference]")
-    b: str = field("", "answers of method B, the same format; the win rate is A's over B")
-    a_name: str = field("", "method A's name in the tables (default: --a-method, else the file's stem)")
-    b_name: str = field("", "method B's name in the tables (default: --b-method, else the file's stem)")
-    a_method: str = field("", "keep only the rows of --a whose 'method' column equals this")
-    b_method: str = field("", "keep only the rows of --b whose 'method' column equals this")
-    judge_base_url: str = field("", "OpenAI-compatible base URL of the judge, e.g. https://api.openai.com/v1 "
+    a: str = option("", "answers of method A: .parquet, .csv or .jsonl with prompt_id, prompt, answer [, reference]")
+    b: str = option("", "answers of method B, the same format; the win rate is A's over B")
+    a_name: str = option("", "method A's name in the tables (default: --a-method, else the file's stem)")
+    b_name: str = option("", "method B's name in the tables (default: --b-method, else the file's stem)")
+    a_method: str = option("", "keep only the rows of --a whose 'method' column equals this")
+    b_method: str = option("", "keep only the rows of --b whose 'method' column equals this")
+    judge_base_url: str = option("", "OpenAI-compatible base URL of the judge, e.g. https://api.openai.com/v1 "
                                     "(empty: the embedded model, served by bonbench on loopback; a weak judge)")
-    judge_model: str = field("", "the judge model's name at --judge-base-url (empty: the server's first); "
+    judge_model: str = option("", "the judge model's name at --judge-base-url (empty: the server's first); "
                                  "without a URL, what bonbench serves: 'default', a Hugging Face id or a folder")
-    judge_api_key_env: str = field("OPENAI_API_KEY", "environment variable holding the judge's API key")
-    read: str = field("auto", "how the preference is read: label (the letter the judge writes, ties allowed), "
+    judge_api_key_env: str = option("OPENAI_API_KEY", "environment variable holding the judge's API key")
+    read: str = option("auto", "how the preference is read: label (the letter the judge writes, ties allowed), "
                               "top-logprobs (the first token's top_logprobs of A and B), sampled-logprobs (exact "
                               "log-probabilities of A and B among one-token samples, for servers without "
                               "top_logprobs such as bonbench); auto: sampled-logprobs for the embedded judge, "
                               "label for a URL")
-    label_draws: int = field(32, "sampled-logprobs: one-token samples per judgment")
-    max_tokens: int = field(16, "label: most tokens of the judge's reply")
-    template: str = field("", "a file with the judge's prompt, using {prompt}, {first}, {second} and optionally "
+    label_draws: int = option(32, "sampled-logprobs: one-token samples per judgment")
+    max_tokens: int = option(16, "label: most tokens of the judge's reply")
+    template: str = option("", "a file with the judge's prompt, using {prompt}, {first}, {second} and optionally "
                               "{reference} (default: the built-in template)")
-    limit: int = field(0, "judge only the first N shared prompts (0: all)")
-    concurrency: int = field(8, "requests to the judge at once")
-    max_retries: int = field(6, "retries of a request on a connection error, 429 or 5xx (exponential backoff)")
-    timeout: float = field(120.0, "seconds before a request to the judge times out")
-    length_unit: str = field("chars", "length for the length control: chars (as AlpacaEval) or words")
-    instruction_l2: float = field(1.0, "ridge on the per-instruction term of the length-control GLM")
-    bootstrap: int = field(1000, "bootstrap draws for the intervals (the LC interval refits per draw)")
-    confidence: float = field(0.95, "confidence of the intervals")
-    seed: int = field(0, "seed of the bootstrap")
-    out: str = field("", "output folder (default: runs/judge/<A>-vs-<B>); a rerun resumes from its cache")
-    cache: str = field("", "JSONL file of cached judgments (default: OUT/judgments.jsonl); shareable")
-    threads: int = field(0, "embedded judge: torch CPU threads of the server (0: torch's default)")
+    limit: int = option(0, "judge only the first N shared prompts (0: all)")
+    concurrency: int = option(8, "requests to the judge at once")
+    max_retries: int = option(6, "retries of a request on a connection error, 429 or 5xx (exponential backoff)")
+    timeout: float = option(120.0, "seconds before a request to the judge times out")
+    length_unit: str = option("chars", "length for the length control: chars (as AlpacaEval) or words")
+    instruction_l2: float = option(1.0, "ridge on the per-instruction term of the length-control GLM")
+    bootstrap: int = option(1000, "bootstrap draws for the intervals (the LC interval refits per draw)")
+    confidence: float = option(0.95, "confidence of the intervals")
+    seed: int = option(0, "seed of the bootstrap")
+    out: str = option("", "output folder (default: runs/judge/<A>-vs-<B>); a rerun resumes from its cache")
+    cache: str = option("", "JSONL file of cached judgments (default: OUT/judgments.jsonl); shareable")
+    threads: int = option(0, "embedded judge: torch CPU threads of the server (0: torch's default)")
     log_level: str = log_level_option()
 
     def __post_init__(self) -> None:

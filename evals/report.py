@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bonbench.cli import log_level_option, run_command, setup_logging
-from bonbench.config import field, parse_config
+from bonbench.config import option, parse_config
 from evals import report_figures as figures
 from evals.report_render import Section, write_report
 from evals.report_tables import Runs, bon_curve, load_runs, matched_n
@@ -31,22 +31,22 @@ log = logging.getLogger("evals.report")
 
 @dataclass
 class ReportConfig:
-    name: str = field("default", "report name: the output goes to <reports>/<name>/")
-    reports: str = field("reports", "folder that holds the reports")
-    from_runs: list[str] = field([], "run folders to build from (evals.xsum, bonbench measure, evals.benchmarks, "
+    name: str = option("default", "report name: the output goes to <reports>/<name>/")
+    reports: str = option("reports", "folder that holds the reports")
+    from_runs: list[str] = option([], "run folders to build from (evals.xsum, bonbench measure, evals.benchmarks, "
                                  "evals.judge, distill runs); none: run the default comparison first", flag="--from")
-    runs: str = field("runs", "with no --from: where to look for distilled policies (runs/*/policy) and where "
+    runs: str = option("runs", "with no --from: where to look for distilled policies (runs/*/policy) and where "
                               "the default comparison writes (runs/evals/)")
-    title: str = field("Best-of-N against distilled policies", "the report's title")
+    title: str = option("Best-of-N against distilled policies", "the report's title")
     # -- the default comparison (no --from) --------------------------------------------------------
-    model: str = field("default", "the reference policy: 'default' (embedded SmolLM2-135M-Instruct), a hub id or "
+    model: str = option("default", "the reference policy: 'default' (embedded SmolLM2-135M-Instruct), a hub id or "
                                   "a folder; the policies found under --runs must be of it")
-    reward_model: str = field("default", "the reward that picks Best-of-N's answers and scores every method")
-    limit: int = field(20, "summarisation prompts (evals.xsum --limit)")
-    bench_limit: float = field(40, "documents per benchmark task (evals.benchmarks --limit)")
-    judge_base_url: str = field("", "an OpenAI-compatible judge for the side-by-sides (default: the embedded "
+    reward_model: str = option("default", "the reward that picks Best-of-N's answers and scores every method")
+    limit: int = option(20, "summarisation prompts (evals.xsum --limit)")
+    bench_limit: float = option(40, "documents per benchmark task (evals.benchmarks --limit)")
+    judge_base_url: str = option("", "an OpenAI-compatible judge for the side-by-sides (default: the embedded "
                                     "model on loopback, a weak judge)")
-    judge_model: str = field("", "the judge's model name at --judge-base-url")
+    judge_model: str = option("", "the judge's model name at --judge-base-url")
     log_level: str = log_level_option()
 
     def __post_init__(self) -> None:

@@ -63,7 +63,7 @@ import numpy as np
 
 from bonbench.cli import run_command, setup_logging
 from bonbench.collect import SamplingOptions
-from bonbench.config import field, parse_config
+from bonbench.config import option, parse_config
 from bonbench.errors import UserError
 from bonbench.samplestore import SampleStore, pool_settings
 
@@ -86,16 +86,16 @@ class XsumConfig(SamplingOptions):
     """``bonbench.collect.SamplingOptions`` (model, reward, task, pool and sampling) with the defaults
     of the default comparison on a small CPU, and these."""
 
-    task: str = field("default", "prompts with human summaries: 'default' (shipped news passages, offline), "
+    task: str = option("default", "prompts with human summaries: 'default' (shipped news passages, offline), "
                                  "'xsum' (EdinburghNLP/xsum, needs the hub), or a JSON/JSONL file with "
                                  "XSum's columns document, summary [, id]")
-    limit: int = field(20, "number of prompts, the first of the split (0: all); more prompts tighten the CIs")
-    ns: list[int] = field([2, 4, 8], "the N values of Best-of-N (the reference row is Best-of-1)")
-    k: int = field(8, "reference samples per prompt: quantiles and win rates are taken against them")
-    policy_samples: int = field(4, "answers per prompt from each policy")
-    policy: list[str] = field([], "policies to compare: model folders or PEFT LoRA adapter folders "
+    limit: int = option(20, "number of prompts, the first of the split (0: all); more prompts tighten the CIs")
+    ns: list[int] = option([2, 4, 8], "the N values of Best-of-N (the reference row is Best-of-1)")
+    k: int = option(8, "reference samples per prompt: quantiles and win rates are taken against them")
+    policy_samples: int = option(4, "answers per prompt from each policy")
+    policy: list[str] = option([], "policies to compare: model folders or PEFT LoRA adapter folders "
                                   "(adapter_config.json, applied to --model), e.g. runs/jbond/policy")
-    out: str = field("runs/evals/xsum", "output folder; an existing one is resumed")
+    out: str = option("runs/evals/xsum", "output folder; an existing one is resumed")
 
     def __post_init__(self) -> None:
         super().__post_init__()
