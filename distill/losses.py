@@ -254,6 +254,28 @@ def jbond_loss(
 # ----------------------------------------------------------------------------- BOND
 
 
+def _bond_backward(policy_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, log_quantiles: torch.Tensor,
+                   n: int, use_baseline: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """BOND's backward term, all (P, S): ``-sg(R - B) · log π(y)`` with
+    ``R = (n - 1) · log p̂≤(y) - (log π(y) - log π_ref(y))`` (docs/math.md §3)."""
+    if policy_logprobs.dim() != 2:
+        raise ValueError(f"policy_logprobs must be (P, S), got {tuple(policy_logprobs.shape)}")
+    _check_shape("ref_logprobs", ref_logprobs, tuple(policy_logprobs.shape))
+    _check_shape("log_quantiles", log_quantiles, tuple(policy_logprobs.shape))
+    if not torch.isfinite(log_quantiles).all():
+        raise ValueError("log_quantiles must be finite: smooth the MC quantile (docs/math.md §2)")
+    log_ratio = policy_logprobs.detach() - ref_logprobs.detach()
+    returns = (n - 1) * log_quantiles.detach().to(log_ratio.dtype) - log_ratio
+    if use_baseline and policy_logprobs.shape[1] >= 2:
+        baseline = leave_one_out_mean(returns, dim=1)
+    else:
+        baseline = torch.zeros_like(returns)
+    backward = _policy_gradient(policy_logprobs, returns - baseline)
+    return backward, {"backward": backward.item(), "return_mean": returns.mean().item(),
+                      "log_quantile_mean": log_quantiles.double().mean().item(),
+                      "kl_ref_estimate": log_ratio.mean().item()}
+
+
 def bond_loss(
     *,
     policy_logprobs: Tensor | None = None,
@@ -316,28 +338,10 @@ def bond_loss(
 
     if beta > 0.0:
         why = "for the backward term (beta > 0)"
-        policy_logprobs = _require("policy_logprobs", policy_logprobs, why)
-        ref_logprobs = _require("ref_logprobs", ref_logprobs, why)
-        log_quantiles = _require("log_quantiles", log_quantiles, why)
-        if policy_logprobs.dim() != 2:
-            raise ValueError(f"policy_logprobs must be (P, S), got {tuple(policy_logprobs.shape)}")
-        _check_shape("ref_logprobs", ref_logprobs, tuple(policy_logprobs.shape))
-        _check_shape("log_quantiles", log_quantiles, tuple(policy_logprobs.shape))
-        if not torch.isfinite(log_quantiles).all():
-            raise ValueError("log_quantiles must be finite: smooth the MC quantile (docs/math.md §2)")
-        log_ratio = policy_logprobs.detach() - ref_logprobs.detach()
-        returns = (n - 1) * log_quantiles.detach().to(log_ratio.dtype) - log_ratio
-        if use_baseline and policy_logprobs.shape[1] >= 2:
-            baseline = leave_one_out_mean(returns, dim=1)
-        else:
-            baseline = torch.zeros_like(returns)
-        backward = _policy_gradient(policy_logprobs, returns - baseline)
-        metrics.update(
-            backward=backward.item(),
-            return_mean=returns.mean().item(),
-            log_quantile_mean=log_quantiles.double().mean().item(),
-            kl_ref_estimate=log_ratio.mean().item(),
-        )
+        backward, backward_metrics = _bond_backward(
+            _require("policy_logprobs", policy_logprobs, why), _require("ref_logprobs", ref_logprobs, why),
+            _require("log_quantiles", log_quantiles, why), n, use_baseline)
+        metrics.update(backward_metrics)
 
     if forward is None:
         loss = backward
