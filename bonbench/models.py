@@ -97,13 +97,19 @@ def resolve_policy(name_or_path: str) -> str:
 _MODEL_FILES = ("config.json", "adapter_config.json")  # a full model, or a PEFT adapter
 
 
+def is_model_folder(path: str | Path) -> bool:
+    """A folder that ``save_pretrained`` wrote: it holds a model's ``config.json`` or a PEFT
+    adapter's ``adapter_config.json``."""
+    return any((Path(path) / name).is_file() for name in _MODEL_FILES)
+
+
 def locate_model(name_or_path: str, kind: str = "model") -> str:
     """An existing model folder (returned as a path), or a Hugging Face id whose ``config.json`` is in
     the cache or downloadable now (returned unchanged); anything else is a ``UserError`` whose sentence
     names the model as ``kind`` ("model", "reward model")."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if not any((path / name).is_file() for name in _MODEL_FILES):
+        if not is_model_folder(path):
             raise UserError(f"the {kind} folder {name_or_path} holds no config.json or adapter_config.json: "
                             "pass the folder that save_pretrained wrote.")
         return str(path)

@@ -187,8 +187,9 @@ def judge_section(runs: Runs) -> Section | None:
 
 def find_policies(runs: Path) -> list[Path]:
     """Every ``distill`` output under ``runs``: ``runs/<run>/policy`` holding a model or a LoRA adapter."""
-    return sorted(p for p in runs.glob("*/policy")
-                  if (p / "adapter_config.json").exists() or (p / "config.json").exists())
+    from bonbench.models import is_model_folder
+
+    return sorted(p for p in runs.glob("*/policy") if is_model_folder(p))
 
 
 def default_comparison(cfg: ReportConfig) -> list[Path]:
