@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from bonbench.errors import UserError
-from bonbench.rewards.base import RewardError, RewardModel, checked_scores
+from bonbench.rewards.base import RewardError, RewardModel, checked_scores, scores_partial
 
 _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
@@ -41,4 +41,4 @@ def load_reward(spec: str, *, device: str = "cpu", judge_model: str | None = Non
     return SequenceClassifierReward(spec, device=device)
 
 
-__all__ = ["RewardError", "RewardModel", "checked_scores", "load_reward", "REWARD_HELP"]
+__all__ = ["RewardError", "RewardModel", "checked_scores", "load_reward", "scores_partial", "REWARD_HELP"]

@@ -30,10 +30,21 @@ class RewardModel(Protocol):
         ...
 
 
-def checked_scores(reward: RewardModel, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
-    """Call ``reward.score`` and turn any failure or malformed result into a ``RewardError``."""
+# Optional: a reward that can judge unfinished answers (cut after a fixed number of tokens, usually
+# mid-sentence) also has ``score_partial(prompts, responses) -> list[float]``; early rejection
+# (bonbench.rejection) needs it. A reward without it is never asked to score partial text.
+def scores_partial(reward: RewardModel | None) -> bool:
+    """Whether ``reward`` can score partial answers (has ``score_partial``)."""
+    return callable(getattr(reward, "score_partial", None))
+
+
+def checked_scores(reward: RewardModel, prompts: Sequence[Prompt], responses: Sequence[str],
+                   partial: bool = False) -> list[float]:
+    """Call ``reward.score`` (``reward.score_partial`` with ``partial``) and turn any failure or
+    malformed result into a ``RewardError``."""
     try:
-        scores = [float(s) for s in reward.score(prompts, responses)]
+        score = reward.score_partial if partial else reward.score
+        scores = [float(s) for s in score(prompts, responses)]
     except RewardError:
         raise
     except Exception as exc:  # a user's reward may raise anything; the request fails loudly

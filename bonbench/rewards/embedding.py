@@ -16,6 +16,11 @@ each way of gaming it. With ``a`` the answer and ``s`` the source passage::
 
 clipped to [-0.99, 1]; an empty answer gets -1, below every other.
 
+Partial answers (``score_partial``, for early rejection): an answer cut after a fixed number of tokens
+is short and unfinished by construction, so the "too short" and "truncated" terms are left out, and
+a last word that the cut may have split is dropped; every other term reads the text as it stands
+(a partial answer that already rambles, repeats or copies keeps paying for it).
+
 The source is the part of the prompt after its first blank line (the default task writes the
 instruction, a blank line, then the article); without a blank line, the whole prompt. The
 weights were set by hand on the default task so that a reference summary beats the copied
@@ -88,8 +93,18 @@ def unsupported_entities(answer: str, source: str) -> float:
     return missing / len(tokens)
 
 
-def penalty_terms(answer: str, source: str) -> dict[str, float]:
-    """Every term but relevance, weighted as in the module docstring."""
+def whole_words(partial_answer: str) -> str:
+    """``partial_answer`` without its last word when a cut may have split it (no space after it)."""
+    text = partial_answer.rstrip()
+    if text != partial_answer or not text or text[-1] in ".!?,;:\"')”’":
+        return text
+    head, sep, _ = text.rpartition(" ")
+    return head.rstrip() if sep and head.strip() else text
+
+
+def penalty_terms(answer: str, source: str, partial: bool = False) -> dict[str, float]:
+    """Every term but relevance, weighted as in the module docstring; ``partial``: the terms of an
+    unfinished answer (no "too short" or "truncated" term)."""
     words, source_words = _words(answer), _words(source)
     run = longest_shared_run(words, source_words)
     trigrams = list(zip(words, words[1:], words[2:]))
@@ -98,9 +113,9 @@ def penalty_terms(answer: str, source: str) -> dict[str, float]:
     return {
         "copying": 0.6 * min(1.0, max(0, run - 6) / 12),
         "hallucination": 0.4 * unsupported_entities(answer, source),
-        "length": 0.02 * max(0, 10 - len(words)) + 0.02 * max(0, len(words) - 35),
+        "length": (0.0 if partial else 0.02 * max(0, 10 - len(words))) + 0.02 * max(0, len(words) - 35),
         "sentences": 0.15 * (sentences - 1),
-        "truncation": 0.0 if _FINAL.search(answer.strip()) else 0.25,
+        "truncation": 0.0 if partial or _FINAL.search(answer.strip()) else 0.25,
         "repetition": 0.5 * repeated,
     }
 
@@ -139,7 +154,9 @@ class EmbeddingReward:
             chunks.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
         return torch.cat(chunks) if chunks else torch.zeros(0, 384)
 
-    def terms(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[RewardTerms]:
+    def terms(self, prompts: Sequence[Prompt], responses: Sequence[str], partial: bool = False) -> list[RewardTerms]:
+        if partial:
+            responses = [whole_words(r) for r in responses]
         sources = [source_of(p) for p in prompts]
         unique = list(dict.fromkeys(sources))
         nonempty = [i for i, r in enumerate(responses) if r.strip()]
@@ -152,10 +169,14 @@ class EmbeddingReward:
                 out.append(RewardTerms(-1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0))
                 continue
             relevance = float(answer_emb[i] @ source_emb[source])
-            penalties = penalty_terms(response, source)
+            penalties = penalty_terms(response, source, partial)
             reward = max(-0.99, min(1.0, relevance - sum(penalties.values())))
             out.append(RewardTerms(reward=reward, relevance=relevance, **penalties))
         return out
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         return [t.reward for t in self.terms(prompts, responses)]
+
+    def score_partial(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        """Scores of unfinished answers (see the module docstring), for early rejection."""
+        return [t.reward for t in self.terms(prompts, responses, partial=True)]

@@ -13,7 +13,9 @@ from bonbench.rewards.embedding import (
     penalty_terms,
     source_of,
     unsupported_entities,
+    whole_words,
 )
+from bonbench.rewards.base import scores_partial
 from bonbench.tasks import load_task, summary_prompt
 
 PASSAGES = 10
@@ -124,3 +126,37 @@ def test_penalty_terms_by_hand():
     terms = penalty_terms("It rained. It rained. It rained", source)
     assert terms["truncation"] == 0.25 and terms["sentences"] == pytest.approx(0.3)
     assert terms["repetition"] == pytest.approx(0.5 * 2 / 4)  # 4 word trigrams, 2 of them repeats
+
+
+def test_whole_words_drops_a_last_word_the_cut_may_have_split():
+    assert whole_words("The council voted to clo") == "The council voted to"
+    assert whole_words("The council voted to ") == "The council voted to"
+    assert whole_words("The council voted.") == "The council voted."
+    assert whole_words("Council") == "Council"
+
+
+def test_partial_answers_pay_no_short_or_truncated_term_and_keep_the_others():
+    source = "The council of Springfield voted on Monday to close the old library after 40 years."
+    whole, partial = penalty_terms("The council voted", source), penalty_terms("The council voted", source, True)
+    assert whole["truncation"] == 0.25 and partial["truncation"] == 0.0
+    assert whole["length"] > 0 and partial["length"] == 0.0
+    rambling = " ".join(["word"] * 40)
+    assert penalty_terms(rambling, source, partial=True)["length"] == pytest.approx(0.02 * 5)
+    invented = penalty_terms("The Mayor Quince said", source, partial=True)
+    assert invented["hallucination"] > 0
+
+
+def test_score_partial_ranks_a_prefix_of_the_reference_above_prefixes_of_gamed_answers(reward, rows):
+    assert scores_partial(reward)
+
+    def cut(text: str, words: int) -> str:
+        return " ".join(text.split()[:words]) + "x"  # a split last word, as a cut after k tokens leaves
+
+    for i, row in enumerate(rows[:6]):
+        prompt = summary_prompt(row["document"])
+        other = rows[(i + 1) % len(rows)]["summary"]
+        good, elsewhere, copied = reward.score_partial(
+            [prompt] * 3, [cut(row["summary"], 14), cut(other, 14), cut(row["document"], 20)])
+        assert good > elsewhere and good > copied, i
+        # the prefix is not punished for being unfinished: it scores above the same text as a whole answer
+        assert good > reward.score([prompt], [whole_words(cut(row["summary"], 14))])[0]
