@@ -224,8 +224,14 @@ def save_checkpoint(out: Path, step: int, ctx: Context, optimizer, scheduler) ->
 
 
 def load_checkpoint(out: Path, ctx: Context, optimizer, scheduler) -> int:
-    """Restore the run in ``out``; returns the number of steps already done (0 if none)."""
+    """Restore the run in ``out``; returns the number of steps already done (0 if none).
+
+    A run killed between ``save_checkpoint``'s two renames has ``checkpoint.old`` and no
+    ``checkpoint``: the old one is then the last whole checkpoint, and the run resumes from it.
+    """
     path = out / "checkpoint" / "state.pt"
+    if not path.exists():
+        path = out / "checkpoint.old" / "state.pt"
     if not path.exists():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=False)

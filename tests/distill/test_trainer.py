@@ -126,6 +126,21 @@ def test_resumed_run_repeats_the_uninterrupted_run(tiny_model_path, tmp_path):
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), (x["step"], k)
 
 
+def test_a_run_killed_between_the_checkpoint_renames_resumes_from_the_old_checkpoint(tiny_model_path, tmp_path):
+    args = small(tiny_model_path, tmp_path, steps=2, eval_prompts=0, save_every=2)
+    out = Path(args["out"])
+    train(JBondConfig(**args), JBond(JBondConfig(**args)))
+    (out / "checkpoint").rename(out / "checkpoint.old")  # the state save_checkpoint's first rename leaves
+    log = out / "metrics.jsonl"
+    log.write_text("".join(json.dumps({**json.loads(line), "first_run": 1}) + "\n"
+                           for line in log.read_text().splitlines()))
+    more = JBondConfig(**{**args, "steps": 3})
+    train(more, JBond(more))
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    # steps 1 and 2 are the first run's (resumed after step 2), not redone from scratch
+    assert [(r["step"], r.get("first_run", 0)) for r in rows] == [(1, 1), (2, 1), (3, 0)]
+
+
 def test_non_finite_loss_stops_loudly_and_keeps_the_checkpoint(tiny_model_path, tmp_path):
     cfg = JBondConfig(**small(tiny_model_path, tmp_path, steps=3, eval_prompts=0))
     recipe = JBond(cfg)
