@@ -8,6 +8,10 @@ Each measurement of the first two runs ``--repeats`` times, interleaved, and the
           ``--max-tokens`` tokens at temperature 1, drawn by bonbench's sampler, by a TRL-style
           loop (one ``model.generate(num_return_sequences=n)`` per prompt) and by one batched
           ``generate`` of every row; in each of ``--dtypes``. Generated tokens/s, EOS counted.
+  server  Best-of-N through the server (``bonbench serve`` with the default reward; ``--prompts``
+          concurrent requests, one per prompt) against the same Best-of-N in-process (the sampler
+          over all prompts at once, then the reward over every candidate), same dtype; with the
+          reward's share of the in-process time and of the server's (from its /metrics).
   plain   The plain n=1 server (``bonbench serve --n 1 --reward-model none``) under 1, 4 and 16
           concurrent clients against one batched ``generate`` of as many rows, same dtype.
   mixed   A mixed stream on the in-process engine: long Best-of-N requests arriving every
@@ -47,16 +51,16 @@ from bonbench.config import option, parse_config  # noqa: E402
 from bonbench.models import pick_dtype, resolve_policy  # noqa: E402
 from bonbench.seeds import derive_seed  # noqa: E402
 
-SECTIONS = ("bon", "plain", "mixed")
+SECTIONS = ("bon", "server", "plain", "mixed")
 
 
 @dataclass
 class EngineBenchConfig:
     model: str = option("default", "policy: 'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id or folder")
     device: str = option("cpu", "cpu or cuda[:i]")
-    sections: str = option("bon,plain,mixed", "comma-separated sections to run: bon, plain, mixed")
+    sections: str = option("bon,server,plain,mixed", "comma-separated sections to run: bon, server, plain, mixed")
     dtypes: str = option("float32,bfloat16", "bon section: dtypes to compare (plain and mixed use --dtype)")
-    dtype: str = option("auto", "plain and mixed sections: auto (bonbench.models.pick_dtype for serving) or a dtype")
+    dtype: str = option("auto", "server, plain and mixed sections: auto (bonbench.models.pick_dtype for serving) or a dtype")
     prompts: int = option(4, "bon section: default-task prompts")
     n: int = option(8, "bon and mixed sections: candidates per Best-of-N request")
     max_tokens: int = option(32, "bon and plain sections: new tokens per row")
@@ -159,6 +163,77 @@ def bon_section(cfg: EngineBenchConfig) -> list[dict]:
         results += best.values()
         del model
     return results
+
+
+# ---------------------------------------------------------------------------- Best-of-N through the server
+
+
+def _metric(base_url: str, name: str) -> float:
+    """The value of one unlabelled counter on the server's /metrics."""
+    import urllib.request
+
+    text = urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics").read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+async def _bon_requests(base_url: str, messages: list, cfg: EngineBenchConfig) -> tuple[int, float]:
+    """One Best-of-N request per prompt, all at once; (every candidate's tokens, wall seconds)."""
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=3600) as client:
+        async def one(i: int) -> int:
+            reply = await client.chat.completions.create(
+                model="bench", messages=messages[i], max_tokens=cfg.max_tokens, seed=derive_seed(cfg.seed, i),
+                extra_body={"best_of": cfg.n})
+            return reply.usage.completion_tokens
+
+        started = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one(i) for i in range(len(messages)))))
+        return tokens, time.perf_counter() - started
+
+
+def server_section(cfg: EngineBenchConfig) -> list[dict]:
+    from bonbench.rewards import load_reward
+    from bonbench.server.launch import launch_server
+    from bonbench.tasks import load_task, summary_prompt
+
+    documents = load_task(split="test")["document"]
+    messages = [summary_prompt(documents[i % len(documents)]) for i in range(cfg.prompts)]
+    dtype = str(pick_dtype(cfg.dtype, cfg.device, for_serving=True)).removeprefix("torch.")
+    model, tokenizer = load_causal_lm(resolve_policy(cfg.model), dtype, cfg.device)
+    eos = eos_ids(model, tokenizer)
+    prompts = [encode_prompt(tokenizer, m) for m in messages]
+    reward = load_reward("default", device=cfg.device)
+
+    def in_process() -> tuple[int, float, float]:
+        started = time.perf_counter()
+        out = sample(model, tokenizer, [SampleRequest(p, SamplingParams(n=cfg.n, max_tokens=cfg.max_tokens,
+                                                                         seed=derive_seed(cfg.seed, i)))
+                                        for i, p in enumerate(prompts)], eos)
+        sampled = time.perf_counter()
+        reward.score([m for m, cands in zip(messages, out) for _ in cands], [c.text for cands in out for c in cands])
+        done = time.perf_counter()
+        return sum(c.num_tokens for cands in out for c in cands), done - started, done - sampled
+
+    args = ["--model", cfg.model, "--served-model-name", "bench", "--device", cfg.device, "--dtype", dtype,
+            "--n", str(cfg.n), "--log-level", "warning"]
+    sample(model, tokenizer, [SampleRequest(prompts[0], SamplingParams(max_tokens=2))], eos)  # warm-up
+    best: dict[str, dict] = {}
+    with launch_server(args) as server:  # the idle server waits while the in-process run goes, and vice versa
+        asyncio.run(_bon_requests(server.base_url, messages[:1], cfg))  # warm-up
+        for _ in range(cfg.repeats):
+            tokens, wall, reward_s = in_process()
+            runs = [("in-process", tokens, wall, reward_s)]
+            before = _metric(server.base_url, "bonbench_reward_seconds_total")
+            tokens, wall = asyncio.run(_bon_requests(server.base_url, messages, cfg))
+            runs.append(("server", tokens, wall, _metric(server.base_url, "bonbench_reward_seconds_total") - before))
+            for name, tokens, wall, reward_s in runs:
+                print(f"  Best-of-{cfg.n} {name:10s} {tokens / wall:7.1f} tok/s ({tokens} tokens, {wall:.1f} s, "
+                      f"reward {reward_s:.1f} s)", flush=True)
+                if name not in best or tokens / wall > best[name]["tokens_per_s"]:
+                    best[name] = dict(dtype=dtype, path=name, tokens_per_s=tokens / wall, tokens=tokens, wall_s=wall,
+                                      reward_s=reward_s)
+    return list(best.values())
 
 
 # ---------------------------------------------------------------------------- the plain server
@@ -315,6 +390,16 @@ def report(cfg: EngineBenchConfig, results: dict) -> str:
         parts.append(f"Best-of-{cfg.n} in-process, {cfg.prompts} default prompts, up to {cfg.max_tokens} tokens, T=1 "
                      f"(generated tokens/s)\n\n" + _table(
                          ["dtype", "TRL-style loop", "batched generate", "bonbench", "vs loop", "vs batched"], rows))
+    if "server" in results:
+        by = {r["path"]: r for r in results["server"]}
+        local, served = by["in-process"], by["server"]
+        rows = [[name, f"{r['tokens_per_s']:.1f}", f"{r['reward_s'] / r['wall_s']:.0%}"]
+                for name, r in (("in-process (sampler, then reward)", local), ("through the server", served))]
+        rows.append(["server / in-process", f"{served['tokens_per_s'] / local['tokens_per_s']:.2f}x", ""])
+        parts.append(f"Best-of-{cfg.n} with the default reward, {cfg.prompts} default prompts at once, up to "
+                     f"{cfg.max_tokens} tokens ({local['dtype']}; generated tokens/s, every candidate counted; the "
+                     f"reward's share of the wall time; the server's reward time from its /metrics)\n\n"
+                     + _table(["path", "tokens/s", "reward share"], rows))
     if "plain" in results:
         rows = [[str(r["clients"]), f"{r['server_tokens_per_s']:.1f}", f"{r['raw_tokens_per_s']:.1f}",
                  f"{r['server_tokens_per_s'] / r['raw_tokens_per_s']:.2f}x"] for r in results["plain"]]
@@ -333,7 +418,7 @@ def report(cfg: EngineBenchConfig, results: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(EngineBenchConfig, argv, prog="python benchmarks/engine.py",
                        description=__doc__.split("\n\n")[0])
-    run = {"bon": bon_section, "plain": plain_section, "mixed": mixed_section}
+    run = {"bon": bon_section, "server": server_section, "plain": plain_section, "mixed": mixed_section}
     results = {}
     for section in cfg.section_list:
         print(f"section {section}", flush=True)
