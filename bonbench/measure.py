@@ -101,6 +101,7 @@ from pathlib import Path
 from bonbench.cli import run_command, setup_logging
 from bonbench.collect import SamplingOptions
 from bonbench.config import option, parse_config
+from bonbench.errors import UserError
 from bonbench.samplestore import SampleStore, pool_settings
 
 log = logging.getLogger("bonbench.measure")
@@ -112,11 +113,36 @@ class MeasureConfig(SamplingOptions):
 
     policy: str = option("", "a policy to compare with Best-of-N: a model folder, or a PEFT LoRA adapter "
                             "folder (adapter_config.json) applied to --model")
+    rules: list[str] = option([], "selection rules to measure beside the argmax at every N > 1, as "
+                                  "NAME[:key=value,...] (bonbench.select), e.g. soft:temperature=0.1 majority")
+    early_rejection: list[str] = option([], "early rejection to measure at every N > 1, as CHECKPOINTS:KEEP "
+                                            "(bonbench.rejection), e.g. 8,16:0.5; each checkpoint must be one "
+                                            "of --partial-at")
     out: str = option("", "output folder (default: runs/measure/<timestamp>); an existing one is resumed")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_policy_temperature(bool(self.policy))
+        self.selection_rules()  # a bad spec is a usage error now, not after the sampling
+        for plan in self.rejection_plans():
+            if not set(plan.checkpoints) <= set(self.partial_at):
+                raise ValueError(f"--early-rejection {plan.label} scores partial answers at "
+                                 f"{', '.join(map(str, plan.checkpoints))} tokens: each checkpoint must be one of "
+                                 f"--partial-at (now {' '.join(map(str, self.partial_at)) or 'none'})")
+        if (self.rules or self.early_rejection) and max(self.ns) < 2:
+            raise ValueError("--rules and --early-rejection are measured at each N > 1 of --ns; it has none")
+
+    def selection_rules(self) -> list:
+        """``--rules`` as ``bonbench.select`` rules (a ``SelectionError``, a ``ValueError``, on a bad spec)."""
+        from bonbench.select import parse_rule
+
+        return [parse_rule(spec) for spec in self.rules]
+
+    def rejection_plans(self) -> list:
+        """``--early-rejection`` as ``bonbench.rejection.EarlyRejection`` plans."""
+        from bonbench.rejection import parse_early_rejection
+
+        return [parse_early_rejection(spec) for spec in self.early_rejection]
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,13 +167,25 @@ def _open_store(cfg: MeasureConfig, out: Path) -> tuple[SampleStore, int, dict |
     return store, pool, policy
 
 
+def _check_rules_can_read(rules, samples, out: Path) -> None:
+    """Refuse a ``self-certainty`` rule on a pool stored without the self-certainty of its candidates
+    (drawn by a bonbench that did not store it)."""
+    if any(rule.name == "self-certainty" for rule in rules):
+        candidates = samples[samples["role"] == "candidate"]
+        lacking = candidates.loc[candidates["self_certainty"].isna(), "prompt_index"].unique()
+        if len(lacking):
+            raise UserError(f"--rules self-certainty reads each candidate's self-certainty, which the pool stored "
+                            f"in {out} lacks for {len(lacking)} prompts (drawn before bonbench stored it); "
+                            "measure it on a new --out")
+
+
 def run(cfg: MeasureConfig):
     """Measure (resuming from ``cfg.out``), write the tables, return the summary DataFrame."""
     import pandas as pd
     import torch
 
     from bonbench.collect import draw_missing
-    from bonbench.estimators import summarize
+    from bonbench.estimators import Variants, summarize
     from bonbench.tasks import load_task
 
     check_inputs(cfg)
@@ -167,13 +205,16 @@ def run(cfg: MeasureConfig):
     draw_missing(cfg, store, pool, pool_todo, [(policy, policy_todo)] if policy else [])
 
     policies = store.policies()
-    samples = store.load_samples(items, policies)
+    samples = store.load_samples(items, policies, cfg.partial_at)
+    rules = cfg.selection_rules()
+    _check_rules_can_read(rules, samples, out)
     covered = samples[samples["role"] == "policy"].groupby("policy")["prompt_index"].nunique()
     for slug, count in covered.items():
         if count < len(items):
             log.warning("policy %s covers %d of the %d prompts; measure the rest with --policy %s", slug, count,
                         len(items), next(e["path"] for e in policies if e["slug"] == slug))
-    per_prompt, summary = summarize(samples, cfg.ns, cfg.k, {e["slug"]: e["path"] for e in policies})
+    per_prompt, summary = summarize(samples, cfg.ns, cfg.k, {e["slug"]: e["path"] for e in policies},
+                                    Variants(rules, cfg.rejection_plans(), cfg.seed))
     store.write_tables({"samples": samples, "per_prompt": per_prompt, "summary": summary})
     with pd.option_context("display.width", 250, "display.max_columns", None):
         print(summary.drop(columns="policy_path").to_string(index=False, float_format=lambda v: f"{v:.4f}"))
