@@ -4,8 +4,8 @@ The rows produced here are those of the samples table (``bonbench.samplestore.sa
 one per answer, with its tokens, the sampler's log-probability and self-certainty, its share of the
 batch's wall time and its reward; with ``--partial-at``, each pool candidate also carries the
 reward's ``score_partial`` of its first c tokens for every checkpoint c it runs past (what early
-rejection, ``bonbench.rejection``, reads there). Each prompt's answers are drawn with a seed that depends only on the run's seed,
-the prompt's index and the role (reference pool or policy), never on the other prompts of the
+rejection, ``bonbench.rejection``, reads there). Each prompt's answers are drawn with a seed that
+depends only on the run's seed, the prompt's index and the role (reference pool or policy), never on the other prompts of the
 batch, so a resumed or grown run draws what a fresh one would.
 """
 

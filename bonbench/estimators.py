@@ -210,7 +210,8 @@ def rule_label(rule: SelectionRule) -> str:
     params = describe(rule)
     if not params:
         return rule.name
-    text = ",".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in params.items())
+    text = ",".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                    for key, value in params.items())
     return f"{rule.name}({text})"
 
 
@@ -401,9 +402,7 @@ def summarize(samples, ns: Sequence[int], k: int, policy_paths: dict[str, str] |
         for method, pair in prompt_pairs.items():
             pairs.setdefault(method, []).append(pair)
     per_prompt = pd.DataFrame(rows)
-    summary = [
-        _summary_row(method, group, pairs[method], k,
-                     (policy_paths or {}).get(method.removeprefix("policy:"), "") if method.startswith("policy:") else "")
-        for method, group in per_prompt.groupby("method", sort=False)
-    ]
+    paths = {f"policy:{slug}": path for slug, path in (policy_paths or {}).items()}
+    summary = [_summary_row(method, group, pairs[method], k, paths.get(method, ""))
+               for method, group in per_prompt.groupby("method", sort=False)]
     return per_prompt, pd.DataFrame(summary)

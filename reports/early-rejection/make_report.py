@@ -9,8 +9,8 @@ folder) with the command that made the run and the table (method, N, tokens per 
 win rate against one reference sample with its 95% Wilson interval, win rate against all k
 references), and ``OUT/cost_quality.png``: tokens per answer (log scale) against the win rate,
 Best-of-N as a line with its intervals, each early-rejection setting as a dashed line over the
-plotted Ns, each selection rule as markers (their intervals are in the table). Every column is defined in the docstring of
-``bonbench/measure.py``.
+plotted Ns, each selection rule as markers (their intervals are in the table). Every column is
+defined in the docstring of ``bonbench/measure.py``.
 """
 
 from __future__ import annotations
@@ -87,11 +87,11 @@ def command(run: dict, frame: pd.DataFrame, out: str) -> str:
 
 def markdown(frame: pd.DataFrame) -> str:
     bon_tokens = frame[frame["family"] == "BoN"].set_index("n")["tokens_per_request"]
-    lines = ["| method | N | tokens per answer | tokens / BoN-N's | reward | win rate [95% CI] | win rate vs all refs |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | N | tokens per answer | tokens / BoN-N's | reward | win rate [95% CI] "
+             "| win rate vs all refs |", "|---|---|---|---|---|---|---|"]
     for r in frame.itertuples():
-        ratio = r.tokens_per_request / bon_tokens[r.n] if r.n in bon_tokens.index else float("nan")
-        lines.append(f"| {r.method} | {r.n} | {r.tokens_per_request:.1f} | {'' if np.isnan(ratio) else f'{ratio:.2f}'} | "
+        ratio = f"{r.tokens_per_request / bon_tokens[r.n]:.2f}" if r.n in bon_tokens.index else ""
+        lines.append(f"| {r.method} | {r.n} | {r.tokens_per_request:.1f} | {ratio} | "
                      f"{r.reward:.3f} ± {r.reward_se:.3f} | {r.win_rate:.3f} [{r.win_low:.3f}, {r.win_high:.3f}] | "
                      f"{r.win_rate_all:.3f} |")
     return "\n".join(lines) + "\n"
