@@ -312,6 +312,9 @@ def test_an_old_run_folder_resumes_with_the_new_options_at_their_defaults(tiny_m
     for path in (out / "samples").glob("*.parquet"):
         pd.read_parquet(path).drop(columns=["self_certainty", "partial_seconds"]).to_parquet(path, index=False)
 
+    summary, samples = _run(tiny_model_path, out, "--rules", "argmax", limit=2, reward=PARTIAL)  # nothing to draw
+    assert summary["method"].tolist() == ["BoN-1", "BoN-2", "BoN-2:argmax"]
+    assert list(samples.columns) == SAMPLE_COLUMNS and samples["self_certainty"].isna().all()
     summary, samples = _run(tiny_model_path, out, "--rules", "argmax", "majority", reward=PARTIAL)
     assert summary["method"].tolist() == ["BoN-1", "BoN-2", "BoN-2:argmax", "BoN-2:majority"]
     assert samples.groupby("prompt_index")["self_certainty"].count().tolist() == [0, 0, 6]  # only the new pool's
