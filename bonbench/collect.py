@@ -1,9 +1,11 @@
 """Collect scored samples: load the reference and a policy, draw answers per prompt, score and time them.
 
-The rows produced here are those of the samples table (``bonbench.samplestore.SAMPLE_COLUMNS``):
-one per answer, with its tokens, the sampler's log-probability, its share of the batch's wall time
-and its reward. Each prompt's answers are drawn with a seed that depends only on the run's seed,
-the prompt's index and the role (reference pool or policy), never on the other prompts of the
+The rows produced here are those of the samples table (``bonbench.samplestore.sample_columns``):
+one per answer, with its tokens, the sampler's log-probability and self-certainty, its share of the
+batch's wall time and its reward; with ``--partial-at``, each pool candidate also carries the
+reward's ``score_partial`` of its first c tokens for every checkpoint c it runs past (what early
+rejection, ``bonbench.rejection``, reads there). Each prompt's answers are drawn with a seed that
+depends only on the run's seed, the prompt's index and the role (reference pool or policy), never on the other prompts of the
 batch, so a resumed or grown run draws what a fresh one would.
 """
 
@@ -20,7 +22,7 @@ from bonbench.config import option
 from bonbench.errors import UserError
 from bonbench.models import DEFAULT_POLICY, locate_model
 from bonbench.rewards import REWARD_HELP
-from bonbench.samplestore import SAMPLE_COLUMNS
+from bonbench.samplestore import partial_column, sample_columns
 from bonbench.seeds import derive_seed
 
 if TYPE_CHECKING:
@@ -30,7 +32,7 @@ POOL, POLICY = 0, 1  # the roles that seed a prompt's draws
 
 __all__ = ["LoadedLM", "Models", "SamplingOptions", "build_reward", "check_model_source", "check_sources",
            "draw_missing", "load_models", "load_policy", "sample_missing", "sample_policy", "sample_pool",
-           "score_rows"]
+           "score_partial_rows", "score_rows"]
 
 
 @dataclass
@@ -55,6 +57,8 @@ class SamplingOptions:
     pool: int = option(0, "candidate samples per prompt that Best-of-N selects from (0: the largest N)")
     policy_samples: int = option(4, "samples per prompt from --policy")
     max_tokens: int = option(48, "most tokens per answer")
+    partial_at: list[int] = option([], "token counts at which each pool candidate's unfinished answer is also "
+                                       "scored (the reward's score_partial), for early rejection; none by default")
     temperature: float = option(1.0, "sampling temperature of the reference (the policy samples at 1)")
     batch_prompts: int = option(2, "prompts per sampling batch (each brings k + pool rows)")
     logprob_batch: int = option(16, "answers per teacher-forced forward pass (policy KL)")
@@ -79,6 +83,10 @@ class SamplingOptions:
             raise ValueError(f"--policy-samples must be >= 1, got {self.policy_samples}")
         if self.max_tokens < 1 or self.batch_prompts < 1 or self.logprob_batch < 1:
             raise ValueError("--max-tokens, --batch-prompts and --logprob-batch must be >= 1")
+        self.partial_at = sorted(set(int(c) for c in self.partial_at))
+        if any(c < 1 or c >= self.max_tokens for c in self.partial_at):
+            raise ValueError(f"--partial-at needs token counts from 1 to --max-tokens - 1 ({self.max_tokens - 1}): "
+                             f"no answer runs past {self.max_tokens} tokens; got {self.partial_at}")
         if self.temperature <= 0:
             raise ValueError("--temperature must be > 0: Best-of-N needs distinct random samples")
         judging = self.reward_model == "judge"
@@ -116,14 +124,18 @@ def check_sources(cfg: SamplingOptions, policies: Sequence[str] = ()) -> None:
 
 
 def build_reward(cfg: SamplingOptions):
-    """The reward ``cfg`` names (a judge with its model, URL and key); never None."""
-    from bonbench.rewards import load_reward
+    """The reward ``cfg`` names (a judge with its model, URL and key); never None, and able to score
+    partial answers when ``cfg.partial_at`` asks for them."""
+    from bonbench.rewards import load_reward, scores_partial
 
     key = os.environ[cfg.judge_api_key_env] if cfg.judge_api_key_env else None
     reward = load_reward(cfg.reward_model, device=cfg.device, judge_model=cfg.judge_model or None,
                          judge_base_url=cfg.judge_base_url or None, judge_api_key=key)
     if reward is None:
         raise UserError("scoring samples needs a reward model; --reward-model none has none")
+    if cfg.partial_at and not scores_partial(reward):
+        raise UserError(f"--partial-at needs a reward that scores unfinished answers (score_partial); "
+                        f"--reward-model {cfg.reward_model} has none")
     return reward
 
 
@@ -200,9 +212,10 @@ def _draw(lm: LoadedLM, prompt_ids: list[list[int]], batch: list[dict], *, n: in
 
 
 def sample_pool(models: Models, reward, batch: list[dict], *, k: int, pool: int, max_tokens: int,
-                temperature: float, seed: int):
+                temperature: float, seed: int, partial_at: Sequence[int] = ()):
     """Sample and score the reference pool of a batch of prompts: ``k`` answers of role
-    ``reference`` and then ``pool`` of role ``candidate``, all in one draw of ``k + pool``.
+    ``reference`` and then ``pool`` of role ``candidate``, all in one draw of ``k + pool``; each
+    candidate also scored on its first c tokens for each c of ``partial_at`` it runs past.
 
     ``batch``: dicts with ``index``, ``id``, ``document``. Returns the batch's samples table.
     """
@@ -213,12 +226,15 @@ def sample_pool(models: Models, reward, batch: list[dict], *, k: int, pool: int,
     ids = [_encode(ref.tokenizer, p, max_tokens, ref.model) for p in prompts]
     cands, secs = _draw(ref, ids, batch, n=k + pool, max_tokens=max_tokens, temperature=temperature,
                         seed=seed, role=POOL)
-    rows = []
+    rows, partial = [], []
     for item, prompt_cands, prompt_secs in zip(batch, cands, secs):
         for j, (c, s) in enumerate(zip(prompt_cands, prompt_secs)):
             role, index = ("reference", j) if j < k else ("candidate", j - k)
             rows.append(_row(item, role, index, c, s))
-    return score_rows(reward, batch, prompts, rows)
+            partial.append(_partial_texts(ref.tokenizer, c, partial_at) if role == "candidate" else None)
+    if partial_at:
+        score_partial_rows(reward, batch, prompts, rows, partial, partial_at)
+    return score_rows(reward, batch, prompts, rows, partial_at)
 
 
 def sample_policy(models: Models, reward, batch: list[dict], *, slug: str, samples: int, max_tokens: int,
@@ -251,9 +267,36 @@ def sample_policy(models: Models, reward, batch: list[dict], *, slug: str, sampl
     return score_rows(reward, batch, prompts, rows)
 
 
-def score_rows(reward, batch: list[dict], prompts: list, rows: list[dict]):
+def _partial_texts(tokenizer, cand, partial_at: Sequence[int]) -> dict[int, str]:
+    """The candidate's text after its first c tokens, for each checkpoint c it runs past (it has
+    more than c tokens, so it is unfinished there)."""
+    return {c: tokenizer.decode(cand.token_ids[:c], skip_special_tokens=True)
+            for c in partial_at if cand.num_tokens > c}
+
+
+def score_partial_rows(reward, batch: list[dict], prompts: list, rows: list[dict], texts: list[dict[int, str] | None],
+                       partial_at: Sequence[int]) -> None:
+    """Fill each row's ``partial_reward_<c>`` with the reward's ``score_partial`` of ``texts[i][c]``
+    (NaN where row i has no text at c) and, for the rows with texts (not None), ``partial_seconds``
+    with the time the reward took per partial text of the batch."""
+    from bonbench.rewards import checked_scores
+
+    by_prompt = {item["index"]: p for item, p in zip(batch, prompts)}
+    pairs = [(i, c) for i, row_texts in enumerate(texts) if row_texts for c in partial_at if c in row_texts]
+    start = time.perf_counter()
+    scores = checked_scores(reward, [by_prompt[rows[i]["prompt_index"]] for i, _ in pairs],
+                            [texts[i][c] for i, c in pairs], partial=True) if pairs else []
+    per_text = (time.perf_counter() - start) / len(pairs) if pairs else 0.0
+    for row, row_texts in zip(rows, texts):
+        row.update({partial_column(c): float("nan") for c in partial_at})
+        row["partial_seconds"] = per_text if row_texts is not None else float("nan")
+    for (i, c), score in zip(pairs, scores):
+        rows[i][partial_column(c)] = score
+
+
+def score_rows(reward, batch: list[dict], prompts: list, rows: list[dict], partial_at: Sequence[int] = ()):
     """``rows`` with their rewards, the reward's time per sample and a creation time, as a table
-    in ``SAMPLE_COLUMNS``. ``prompts[i]`` is the prompt of ``batch[i]``."""
+    in ``sample_columns(partial_at)``. ``prompts[i]`` is the prompt of ``batch[i]``."""
     import pandas as pd
 
     from bonbench.rewards import checked_scores
@@ -265,14 +308,15 @@ def score_rows(reward, batch: list[dict], prompts: list, rows: list[dict]):
     created = pd.Timestamp.now(tz="UTC")
     for r, score in zip(rows, scores):
         r.update(reward=score, reward_seconds=per_sample, created=created)
-    return pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
+    return pd.DataFrame(rows, columns=sample_columns(partial_at))
 
 
 def _row(item, role, index, cand, seconds, ref_logprob=float("nan"), policy="") -> dict:
     return {"prompt_index": item["index"], "prompt_id": item["id"], "role": role, "policy": policy,
             "sample_index": index, "text": cand.text, "num_tokens": cand.num_tokens,
             "finish_reason": cand.finish_reason, "logprob": cand.logprob, "ref_logprob": ref_logprob,
-            "sample_seconds": seconds}
+            "self_certainty": float("nan") if cand.self_certainty is None else cand.self_certainty,
+            "sample_seconds": seconds, "partial_seconds": float("nan")}
 
 
 # ---------------------------------------------------------------------------------------
@@ -305,13 +349,13 @@ def draw_missing(cfg: SamplingOptions, store: SampleStore, pool: int, pool_todo:
     pending = [(entry, todo) for entry, todo in policy_todo if todo]
     if not pool_todo and not pending:
         return
+    reward = build_reward(cfg)  # first: a reward that cannot do what cfg asks fails before the models load
     reference = load_models(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    reward = build_reward(cfg)
     if pool_todo:
         sample_missing(
             pool_todo, cfg.batch_prompts, "reference pool",
             lambda batch: sample_pool(reference, reward, batch, k=cfg.k, pool=pool, max_tokens=cfg.max_tokens,
-                                      temperature=cfg.temperature, seed=cfg.seed),
+                                      temperature=cfg.temperature, seed=cfg.seed, partial_at=cfg.partial_at),
             store.write)
     for entry, todo in pending:
         models = load_policy(reference, cfg.model, entry["path"], dtype=cfg.dtype, device=cfg.device)

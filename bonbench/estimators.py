@@ -11,28 +11,44 @@ rates are taken against), ``candidate`` (M further draws of π_ref that Best-of-
 ``policy`` (draws of another method, told apart by the ``policy`` column). Every per-prompt
 number is unbiased for its per-prompt expectation; the summary weighs prompts equally and its
 standard errors are across prompts.
+
+Beside plain Best-of-N, the same candidates measure its variants (``Variants``): another selection
+rule (``bonbench.select``) or early rejection (``bonbench.rejection``) applied to each disjoint
+group of N candidates (``bon_groups``), as if those N had been drawn for one request.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from bonbench import bon
+from bonbench.rejection import EarlyRejection, simulate
+from bonbench.samplestore import partial_column
+from bonbench.seeds import derive_seed
+from bonbench.select import Candidates, SelectionRule, describe
 
 __all__ = [
+    "Served",
+    "Variants",
     "bon_groups",
     "bon_pairs",
     "bon_prompt_rows",
     "duplicate_rate",
+    "early_rejection_served",
     "log_quantile_theory",
     "mean_se",
     "prompt_stats",
+    "rule_label",
+    "rule_served",
     "sampled_prompt_row",
+    "served_prompt_row",
     "summarize",
+    "variant_prompt_rows",
 ]
 
 Pairs = tuple[np.ndarray, np.ndarray]  # (a method's rewards, the rewards of the references they face)
@@ -164,17 +180,178 @@ def sampled_prompt_row(method: str, samples, reference_rewards) -> tuple[dict, P
     return row, pairs
 
 
-def prompt_stats(samples, ns: Sequence[int]) -> tuple[list[dict], dict[str, Pairs]]:
+# ---------------------------------------------------------------------------------------
+# Best-of-N variants on the disjoint groups of a prompt's candidates
+
+
+@dataclass(frozen=True)
+class Variants:
+    """The Best-of-N variants measured beside ``BoN-N``, each at every N > 1: selection ``rules``
+    (row ``BoN-N:<rule_label>``) and ``early_rejection`` plans (row ``ER-N:<plan.label>``).
+    ``seed``: the run's seed; the random stream of a rule on group g of prompt p at N is
+    ``derive_seed(seed, p, N, g)``, the same for every rule (common random numbers)."""
+
+    rules: Sequence[SelectionRule] = ()
+    early_rejection: Sequence[EarlyRejection] = ()
+    seed: int = 0
+
+
+class Served(NamedTuple):
+    """What a variant did with each disjoint group of one prompt's candidates, each shape ``(G,)``:
+    the candidate it served (position in draw order), the tokens drawn and the compute time spent."""
+
+    chosen: np.ndarray
+    tokens: np.ndarray
+    seconds: np.ndarray
+
+
+def rule_label(rule: SelectionRule) -> str:
+    """``name`` or ``name(key=value,...)``: ``soft(temperature=0.1)``, ``regularized(beta=0.01,penalty=length)``."""
+    params = describe(rule)
+    if not params:
+        return rule.name
+    text = ",".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                    for key, value in params.items())
+    return f"{rule.name}({text})"
+
+
+def _column(cand, name: str) -> np.ndarray | None:
+    """A candidate column as floats, or None where any value is missing (NaN)."""
+    values = cand[name].to_numpy(float)
+    return None if np.isnan(values).any() else values
+
+
+def rule_served(rule: SelectionRule, cand, groups: np.ndarray, seeds: Sequence[int]) -> Served:
+    """``rule`` applied to each group of one prompt's candidates.
+
+    Args:
+        rule: the selection rule; it sees a group's texts, token counts, rewards, log-probabilities
+            and self-certainties (``bonbench.select.Candidates``; a column with a NaN is left out).
+        cand: the prompt's ``candidate`` rows, in draw order.
+        groups: shape ``(G, N)``, candidate positions (``bon_groups``).
+        seeds: shape ``(G,)``, the seed of the random stream each group's choice draws from.
+
+    Returns:
+        the served candidates; the tokens of the whole group; its sampling time plus, for a rule
+        that reads the reward, the reward's time on every candidate.
+    """
+    texts = cand["text"].tolist()
+    lengths = cand["num_tokens"].to_numpy(float)
+    columns = {name: _column(cand, column) for name, column in
+               (("rewards", "reward"), ("logprobs", "logprob"), ("self_certainty", "self_certainty"))}
+    sample_s, reward_s = cand["sample_seconds"].to_numpy(float), cand["reward_seconds"].to_numpy(float)
+    chosen, tokens, seconds = [], [], []
+    for group, seed in zip(groups, seeds):
+        view = Candidates([texts[i] for i in group], lengths[group],
+                          **{name: None if values is None else values[group] for name, values in columns.items()})
+        chosen.append(group[rule.choose(view, 1, np.random.default_rng(seed)).chosen[0]])
+        tokens.append(lengths[group].sum())
+        seconds.append(sample_s[group].sum() + (reward_s[group].sum() if rule.needs_reward else 0.0))
+    return Served(np.array(chosen, dtype=np.int64), np.array(tokens, float), np.array(seconds, float))
+
+
+def early_rejection_served(plan: EarlyRejection, cand, groups: np.ndarray) -> Served:
+    """Early rejection replayed on each group of one prompt's candidates (``rejection.simulate``).
+
+    Args:
+        plan: the checkpoints and the fraction kept; ``cand`` must have the ``partial_reward_<c>``
+            column of each checkpoint c.
+        cand: the prompt's ``candidate`` rows, in draw order, drawn to their end.
+        groups: shape ``(G, N)``, candidate positions (``bon_groups``).
+
+    Returns:
+        the served candidates; the tokens drawn (a rejected candidate's first c tokens); the time:
+        each candidate's sampling time in proportion to the tokens it drew, ``partial_seconds`` for
+        every partial answer scored (each running candidate at each checkpoint), and the reward's
+        time on the candidates that ran to their end.
+    """
+    missing = [partial_column(c) for c in plan.checkpoints if partial_column(c) not in cand]
+    if missing:
+        raise ValueError(f"early rejection {plan.label} reads {', '.join(missing)}, which the samples lack")
+    partial = cand[[partial_column(c) for c in plan.checkpoints]].to_numpy(float)
+    lengths = cand["num_tokens"].to_numpy(np.int64)
+    rewards = cand["reward"].to_numpy(float)
+    sample_s, reward_s = cand["sample_seconds"].to_numpy(float), cand["reward_seconds"].to_numpy(float)
+    partial_s = cand["partial_seconds"].to_numpy(float)
+    checkpoints = np.array(plan.checkpoints)
+    chosen, tokens, seconds = [], [], []
+    for group in groups:
+        out = simulate(plan, partial[group], lengths[group], rewards[group])
+        drawn = np.where(out.rejected_at > 0, out.rejected_at, lengths[group])
+        stopped = np.where(out.rejected_at > 0, out.rejected_at, np.iinfo(np.int64).max)
+        # candidate i is scored at checkpoint c when it runs there: longer than c, not rejected before c
+        scored = ((lengths[group, None] > checkpoints) & (stopped[:, None] >= checkpoints)).sum(axis=1)
+        chosen.append(group[out.chosen[0]])
+        tokens.append(out.tokens)
+        seconds.append((sample_s[group] * drawn / lengths[group]).sum() + (partial_s[group] * scored).sum()
+                       + reward_s[group][out.rejected_at == 0].sum())
+    return Served(np.array(chosen, dtype=np.int64), np.array(tokens, float), np.array(seconds, float))
+
+
+def served_prompt_row(method: str, n: int, served: Served, candidate_rewards, reference_rewards) -> tuple[dict, Pairs]:
+    """One prompt's row for a variant that served ``served.chosen[g]`` from group g of ``bon_groups``.
+
+    ``reward``, ``log_quantile`` and ``win_rate_all`` are means over the groups of the served
+    candidate's values; the served answer of group g faces reference g (as ``bon_pairs``);
+    ``tokens_per_request`` and ``seconds_per_request`` are means over the groups. No KL: a
+    variant's distribution has no closed form here (NaN). The row has no ``duplicate_rate`` (a
+    property of the pool, which the caller adds).
+    """
+    cand_r, ref_r = np.asarray(candidate_rewards, float), np.asarray(reference_rewards, float)
+    rewards = cand_r[served.chosen]
+    pairs = (rewards, ref_r[: len(rewards)])
+    quant = bon.mc_quantiles(rewards, ref_r)
+    row = {"method": method, "n": n, "reward": float(rewards.mean()),
+           "log_quantile": float(bon.log_quantile(rewards, ref_r).mean()),
+           "win_rate": bon.win_rate(*pairs).rate, "win_pairs": len(rewards),
+           "win_rate_all": float((0.5 * (quant.p_less + quant.p_leq)).mean()),
+           "kl_measured": float("nan"),
+           "tokens_per_request": float(served.tokens.mean()), "seconds_per_request": float(served.seconds.mean())}
+    return row, pairs
+
+
+def variant_prompt_rows(pool, ns: Sequence[int], variants: Variants) -> tuple[list[dict], dict[str, Pairs]]:
+    """One prompt's rows of every rule, then every early-rejection plan, each at every N > 1 of
+    ``ns``, and their disjoint comparisons. ``pool``: the prompt's ``reference`` and ``candidate``
+    rows (with ``prompt_index``)."""
+    ref = pool[pool["role"] == "reference"].sort_values("sample_index")
+    cand = pool[pool["role"] == "candidate"].sort_values("sample_index")
+    ref_r, cand_r = ref["reward"].to_numpy(float), cand["reward"].to_numpy(float)
+    prompt = int(pool["prompt_index"].iloc[0])
+    dup = duplicate_rate(list(pool["text"]))
+    methods = [("BoN", rule_label(rule), rule) for rule in variants.rules]
+    methods += [("ER", plan.label, plan) for plan in variants.early_rejection]
+    rows, pairs = [], {}
+    for family, setting, how in methods:
+        for n in (n for n in ns if n > 1):
+            groups = bon_groups(len(cand_r), len(ref_r), n)
+            if isinstance(how, EarlyRejection):
+                served = early_rejection_served(how, cand, groups)
+            else:
+                served = rule_served(how, cand, groups, [derive_seed(variants.seed, prompt, n, g)
+                                                          for g in range(len(groups))])
+            method = f"{family}-{n}:{setting}"
+            row, pairs[method] = served_prompt_row(method, n, served, cand_r, ref_r)
+            rows.append(row | {"duplicate_rate": dup})
+    return rows, pairs
+
+
+def prompt_stats(samples, ns: Sequence[int], variants: Variants | None = None) -> tuple[list[dict], dict[str, Pairs]]:
     """One prompt's per-method statistics and win-rate pairs.
 
     ``samples``: the prompt's rows of the samples table. Best-of-N rows come first (``BoN-N``),
-    then one row per policy (``policy:<slug>`` by the ``policy`` column, ``policy`` if it is
-    empty). Returns the rows, each with the prompt's ``prompt_index`` and ``prompt_id``, and per
-    method the (own rewards, reference rewards) of its disjoint comparisons.
+    then those of ``variants`` (``variant_prompt_rows``), then one row per policy
+    (``policy:<slug>`` by the ``policy`` column, ``policy`` if it is empty). Returns the rows, each
+    with the prompt's ``prompt_index`` and ``prompt_id``, and per method the (own rewards,
+    reference rewards) of its disjoint comparisons.
     """
     base = {"prompt_index": int(samples["prompt_index"].iloc[0]), "prompt_id": samples["prompt_id"].iloc[0]}
     is_policy = samples["role"] == "policy"
     rows, pairs = bon_prompt_rows(samples[~is_policy], ns)
+    if variants is not None:
+        more_rows, more_pairs = variant_prompt_rows(samples[~is_policy], ns, variants)
+        rows += more_rows
+        pairs |= more_pairs
     ref = samples[samples["role"] == "reference"].sort_values("sample_index")
     for label, group in samples[is_policy].groupby("policy", sort=False):
         method = f"policy:{label}" if label else "policy"
@@ -185,7 +362,7 @@ def prompt_stats(samples, ns: Sequence[int]) -> tuple[list[dict], dict[str, Pair
 
 def _summary_row(method: str, group, pairs: list[Pairs], k: int, policy_path: str) -> dict:
     n = int(group["n"].iloc[0])
-    is_bon = method.startswith("BoN-")
+    is_bon = method == f"BoN-{n}"  # plain Best-of-N, which the theory columns describe
     win = bon.win_rate(np.concatenate([m for m, _ in pairs]), np.concatenate([t for _, t in pairs]))
     reward, reward_se = mean_se(group["reward"])
     logq, logq_se = mean_se(group["log_quantile"])
@@ -207,25 +384,25 @@ def _summary_row(method: str, group, pairs: list[Pairs], k: int, policy_path: st
     }
 
 
-def summarize(samples, ns: Sequence[int], k: int, policy_paths: dict[str, str] | None = None):
+def summarize(samples, ns: Sequence[int], k: int, policy_paths: dict[str, str] | None = None,
+              variants: Variants | None = None):
     """``(per_prompt, summary)`` DataFrames from a samples table: one row per (prompt, method), and
     one per method with its means, standard errors, pooled win rate and the Best-of-N theory.
 
     ``k``: the references per prompt (for ``log_quantile_theory``). ``policy_paths``: slug -> path
-    of the policies, for the summary's ``policy_path`` column.
+    of the policies, for the summary's ``policy_path`` column. ``variants``: the Best-of-N
+    variants to measure on the same candidates (none by default).
     """
     import pandas as pd
 
     rows, pairs = [], {}
     for _, group in samples.groupby("prompt_index", sort=True):
-        prompt_rows, prompt_pairs = prompt_stats(group, ns)
+        prompt_rows, prompt_pairs = prompt_stats(group, ns, variants)
         rows += prompt_rows
         for method, pair in prompt_pairs.items():
             pairs.setdefault(method, []).append(pair)
     per_prompt = pd.DataFrame(rows)
-    summary = [
-        _summary_row(method, group, pairs[method], k,
-                     "" if method.startswith("BoN-") else (policy_paths or {}).get(method.partition(":")[2], ""))
-        for method, group in per_prompt.groupby("method", sort=False)
-    ]
+    paths = {f"policy:{slug}": path for slug, path in (policy_paths or {}).items()}
+    summary = [_summary_row(method, group, pairs[method], k, paths.get(method, ""))
+               for method, group in per_prompt.groupby("method", sort=False)]
     return per_prompt, pd.DataFrame(summary)

@@ -4,6 +4,9 @@ r"""``python -m bonbench measure``: what Best-of-N buys and what it costs, and h
         --out reports/measure-default
     python -m bonbench measure --split test --limit 40 --ns 1 2 4 8 --k 16 --max-tokens 48 \
         --out reports/measure-default --policy runs/jbond/policy    # a policy against that same pool
+    python -m bonbench measure --split test --limit 40 --ns 1 2 4 8 16 32 --k 16 --max-tokens 48 \
+        --partial-at 8 16 24 --early-rejection 8:0.5 16:0.25 8,16,24:0.5 \
+        --rules soft:temperature=0.1 self-certainty majority --out runs/measure/early-rejection
     python -m bonbench measure --model Qwen/Qwen2.5-1.5B-Instruct --reward-model <hf id> --device cuda
     python -m bonbench measure --reward-model judge --judge-model <name> --judge-base-url <url> \
         --judge-api-key-env OPENAI_API_KEY                                # an LLM judge as the reward
@@ -68,21 +71,68 @@ prompts (prompts are independent; samples within a prompt are not counted as ind
   BoN-N, one for the policy (no reward needed). Times depend on the batch size used (policy
   batches are smaller than pool batches) and on the machine; tokens do not.
 
+Best-of-N variants (``--rules``, ``--early-rejection``; rows ``BoN-N:<rule>`` and ``ER-N:<plan>``)
+--------------------------------------------------------------------------------------------------
+Each variant is measured at every N > 1 of ``--ns`` on the candidates BoN-N selects from, cut in
+draw order into the same ``⌊M/N⌋`` disjoint groups of N (at most k) as BoN-N's win rate
+(``estimators.bon_groups``); each group is one request of N candidates, and the variant serves one
+of them (``estimators.variant_prompt_rows``):
+
+* ``BoN-N:<rule>``, a selection rule of ``bonbench.select`` (``--rules soft:temperature=0.1
+  regularized:beta=0.01,penalty=length self-certainty majority``, the specs of ``parse_rule``;
+  the label writes its parameters, ``soft(temperature=0.1)``): ``rule.choose`` on the group's
+  texts, token counts, rewards, log-probabilities (under π_ref at ``--temperature``) and
+  self-certainties. ``soft`` on group g of prompt p draws from ``derive_seed(--seed, p, N, g)``,
+  the same stream for every rule and setting. ``BoN-N:argmax`` is BoN-N on the groups alone.
+* ``ER-N:<checkpoints>:<keep>``, early rejection (``bonbench.rejection``; ``--early-rejection
+  8,16:0.5``, each checkpoint one of ``--partial-at``): ``rejection.simulate`` on the group, with
+  the partial rewards the pool stored. Each candidate of a seeded request draws from its own
+  generator, so rejecting some candidates does not change the tokens of the others, and the replay
+  on candidates drawn to their end serves exactly what the online rule would; one pool gives the
+  whole cost/quality curve. With ``keep`` 1 nothing is rejected and the row is ``BoN-N:argmax``'s,
+  except for the time of the partial scorings.
+
+Per prompt, ``reward``, ``log_quantile`` and ``win_rate_all`` are the means over the groups of the
+served candidate's values (unbiased for the variant's expectations on one request of N: the groups
+are independent requests), and the win-rate pairs are the served answer of group g against
+reference g, the comparisons of BoN-N. ``tokens_per_request`` is the mean over groups of the
+tokens drawn: the whole group for a rule, for early rejection each candidate up to where it was
+rejected (its first c tokens) or its end. ``seconds_per_request``: the group's sampling time (for
+early rejection, each candidate's share in proportion to the tokens it drew), plus the reward's
+time per sample on every candidate for a rule that reads the reward (none for ``self-certainty``
+and ``majority``), and for early rejection ``partial_seconds`` (the reward's time per partial
+answer, measured when the pool was scored) for each partial answer scored plus the reward's time
+on the candidates that ran to their end. ``kl_measured``, ``kl_analytic`` and the theory columns
+are empty: no variant's distribution has the closed form of BoN-N's, and its likelihood is out of
+reach of k samples for the reason given for ``kl_measured`` above. Tests:
+``tests/bonbench/test_estimators.py`` (against brute force and a hand-made pool) and
+``tests/bonbench/test_measure.py::test_rules_and_early_rejection_are_rows_measured_on_the_same_candidates``.
+
 Storage and resuming: every prompt's pool goes to ``OUT/samples/prompt-<index>.parquet`` as soon
 as its batch is scored, and each policy's samples to ``OUT/samples/policy-<slug>/prompt-<index>.parquet``
 (``<slug>``: the policy path's last two parts, ``runs/jbond/policy`` -> ``jbond-policy``, made
 unique within the run). A rerun with the same ``--out`` samples only what is missing: the pool of
-prompts without one (``--limit`` may grow; ``--ns`` may change within the pool) and, with
+prompts without one (``--limit`` may grow; ``--ns``, ``--rules`` and ``--early-rejection`` may
+change within the pool) and, with
 ``--policy``, that policy's samples of prompts without them; then it recomputes all tables from
 every stored sample, with a row for every policy measured in ``--out`` (its ``prompts`` column
 says how many of the prompts it covers). The settings that define the pool (``--model``,
 ``--reward-model``, ``--judge-model``, ``--task``, ``--split``, ``--k``, ``--pool``, ``--max-tokens``,
-``--temperature``, ``--seed``, ``--dtype``) must match ``run.json``'s ``settings``; the policies
+``--temperature``, ``--seed``, ``--dtype``, ``--partial-at``) must match ``run.json``'s
+``settings``; a folder written before a setting existed counts as having its default (no
+``--partial-at``), and its samples read back with NaN in the columns they lack
+(``self_certainty``, ``partial_seconds``), so ``--rules self-certainty`` is refused there; the policies
 are listed under its ``policies`` (slug, path as given, resolved path, ``--policy-samples``, which
 must stay the same for one policy). A policy is known by its path: a policy retrained into the
 same folder is measured as a new one only under a new path (or after deleting its
 ``samples/policy-<slug>``). Each prompt's seed depends only on ``--seed`` and the prompt's index,
 not on what else is in its batch or which command drew it.
+
+Every sample stores the sampler's ``self_certainty`` (``bonbench.select``); with ``--partial-at
+c1 c2 ...`` (which needs a reward with ``score_partial``), each pool candidate also stores
+``partial_reward_<c>``, the reward's ``score_partial`` of its first c tokens (decoded without
+special tokens), for every checkpoint c it runs past (more than c tokens; NaN otherwise, and for
+references and policies), and ``partial_seconds``, the reward's time per partial answer of its batch.
 
 Outputs in ``--out``: ``samples`` (a ``policy`` column holds the slug of policy rows), ``per_prompt``
 and ``summary`` (``policy_path``: the policy of a ``policy:<slug>`` row) as .parquet and .csv, plus
@@ -101,6 +151,7 @@ from pathlib import Path
 from bonbench.cli import run_command, setup_logging
 from bonbench.collect import SamplingOptions
 from bonbench.config import option, parse_config
+from bonbench.errors import UserError
 from bonbench.samplestore import SampleStore, pool_settings
 
 log = logging.getLogger("bonbench.measure")
@@ -112,11 +163,36 @@ class MeasureConfig(SamplingOptions):
 
     policy: str = option("", "a policy to compare with Best-of-N: a model folder, or a PEFT LoRA adapter "
                             "folder (adapter_config.json) applied to --model")
+    rules: list[str] = option([], "selection rules to measure beside the argmax at every N > 1, as "
+                                  "NAME[:key=value,...] (bonbench.select), e.g. soft:temperature=0.1 majority")
+    early_rejection: list[str] = option([], "early rejection to measure at every N > 1, as CHECKPOINTS:KEEP "
+                                            "(bonbench.rejection), e.g. 8,16:0.5; each checkpoint must be one "
+                                            "of --partial-at")
     out: str = option("", "output folder (default: runs/measure/<timestamp>); an existing one is resumed")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_policy_temperature(bool(self.policy))
+        self.selection_rules()  # a bad spec is a usage error now, not after the sampling
+        for plan in self.rejection_plans():
+            if not set(plan.checkpoints) <= set(self.partial_at):
+                raise ValueError(f"--early-rejection {plan.label} scores partial answers at "
+                                 f"{', '.join(map(str, plan.checkpoints))} tokens: each checkpoint must be one of "
+                                 f"--partial-at (now {' '.join(map(str, self.partial_at)) or 'none'})")
+        if (self.rules or self.early_rejection) and max(self.ns) < 2:
+            raise ValueError("--rules and --early-rejection are measured at each N > 1 of --ns; it has none")
+
+    def selection_rules(self) -> list:
+        """``--rules`` as ``bonbench.select`` rules (a ``SelectionError``, a ``ValueError``, on a bad spec)."""
+        from bonbench.select import parse_rule
+
+        return [parse_rule(spec) for spec in self.rules]
+
+    def rejection_plans(self) -> list:
+        """``--early-rejection`` as ``bonbench.rejection.EarlyRejection`` plans."""
+        from bonbench.rejection import parse_early_rejection
+
+        return [parse_early_rejection(spec) for spec in self.early_rejection]
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,13 +217,25 @@ def _open_store(cfg: MeasureConfig, out: Path) -> tuple[SampleStore, int, dict |
     return store, pool, policy
 
 
+def _check_rules_can_read(rules, samples, out: Path) -> None:
+    """Refuse a ``self-certainty`` rule on a pool stored without the self-certainty of its candidates
+    (drawn by a bonbench that did not store it)."""
+    if any(rule.name == "self-certainty" for rule in rules):
+        candidates = samples[samples["role"] == "candidate"]
+        lacking = candidates.loc[candidates["self_certainty"].isna(), "prompt_index"].unique()
+        if len(lacking):
+            raise UserError(f"--rules self-certainty reads each candidate's self-certainty, which the pool stored "
+                            f"in {out} lacks for {len(lacking)} prompts (drawn before bonbench stored it); "
+                            "measure it on a new --out")
+
+
 def run(cfg: MeasureConfig):
     """Measure (resuming from ``cfg.out``), write the tables, return the summary DataFrame."""
     import pandas as pd
     import torch
 
     from bonbench.collect import draw_missing
-    from bonbench.estimators import summarize
+    from bonbench.estimators import Variants, summarize
     from bonbench.tasks import load_task
 
     check_inputs(cfg)
@@ -167,13 +255,16 @@ def run(cfg: MeasureConfig):
     draw_missing(cfg, store, pool, pool_todo, [(policy, policy_todo)] if policy else [])
 
     policies = store.policies()
-    samples = store.load_samples(items, policies)
+    samples = store.load_samples(items, policies, cfg.partial_at)
+    rules = cfg.selection_rules()
+    _check_rules_can_read(rules, samples, out)
     covered = samples[samples["role"] == "policy"].groupby("policy")["prompt_index"].nunique()
     for slug, count in covered.items():
         if count < len(items):
             log.warning("policy %s covers %d of the %d prompts; measure the rest with --policy %s", slug, count,
                         len(items), next(e["path"] for e in policies if e["slug"] == slug))
-    per_prompt, summary = summarize(samples, cfg.ns, cfg.k, {e["slug"]: e["path"] for e in policies})
+    per_prompt, summary = summarize(samples, cfg.ns, cfg.k, {e["slug"]: e["path"] for e in policies},
+                                    Variants(rules, cfg.rejection_plans(), cfg.seed))
     store.write_tables({"samples": samples, "per_prompt": per_prompt, "summary": summary})
     with pd.option_context("display.width", 250, "display.max_columns", None):
         print(summary.drop(columns="policy_path").to_string(index=False, float_format=lambda v: f"{v:.4f}"))

@@ -25,15 +25,29 @@ from bonbench.errors import UserError
 from bonbench.tables import to_markdown, write_tables
 
 SAMPLE_COLUMNS = ["prompt_index", "prompt_id", "role", "policy", "sample_index", "text", "num_tokens",
-                  "finish_reason", "logprob", "ref_logprob", "sample_seconds", "reward", "reward_seconds", "created"]
+                  "finish_reason", "logprob", "ref_logprob", "self_certainty", "sample_seconds", "reward",
+                  "reward_seconds", "partial_seconds", "created"]
+# Columns that samples stored before they were added lack; they read back as NaN.
+LATER_COLUMNS = ("self_certainty", "partial_seconds")
 
 # The options a stored reference pool depends on: they must not change between a run and its
 # resumption. Policies (and what is computed from the samples, such as the Ns) come and go.
 POOL_SETTINGS = ("model", "reward_model", "judge_model", "task", "split", "k", "pool", "max_tokens", "temperature",
-                 "seed", "dtype")
+                 "seed", "dtype", "partial_at")
 
-__all__ = ["POOL_SETTINGS", "SAMPLE_COLUMNS", "SampleStore", "pool_settings", "policy_slug", "to_markdown",
-           "write_atomic"]
+__all__ = ["POOL_SETTINGS", "SAMPLE_COLUMNS", "SampleStore", "partial_column", "pool_settings", "policy_slug",
+           "sample_columns", "to_markdown", "write_atomic"]
+
+
+def partial_column(checkpoint: int) -> str:
+    """The samples table's column of the reward of each candidate's first ``checkpoint`` tokens."""
+    return f"partial_reward_{checkpoint}"
+
+
+def sample_columns(partial_at: Sequence[int] = ()) -> list[str]:
+    """The samples table's columns for a pool scored on partial answers at ``partial_at`` tokens:
+    ``SAMPLE_COLUMNS``, then one ``partial_reward_<c>`` column per checkpoint."""
+    return SAMPLE_COLUMNS + [partial_column(c) for c in partial_at]
 
 
 def write_atomic(frame, path: Path) -> None:
@@ -180,10 +194,11 @@ class SampleStore:
         self.write_run(data)
         return entry
 
-    def load_samples(self, items: Sequence[dict], policies: Sequence[dict] = ()):
-        """The stored samples of ``items`` that have a pool file, as one table in ``SAMPLE_COLUMNS``:
-        per prompt its pool, then the samples of each of ``policies`` (``run.json`` entries) it has.
-        None if no prompt has a pool yet."""
+    def load_samples(self, items: Sequence[dict], policies: Sequence[dict] = (), partial_at: Sequence[int] = ()):
+        """The stored samples of ``items`` that have a pool file, as one table in
+        ``sample_columns(partial_at)``: per prompt its pool, then the samples of each of ``policies``
+        (``run.json`` entries) it has. None if no prompt has a pool yet. Samples stored before a
+        column of ``LATER_COLUMNS`` existed hold NaN in it; policy samples have no partial rewards."""
         import pandas as pd
 
         frames = []
@@ -195,7 +210,14 @@ class SampleStore:
                 method = self.policy_method(entry["slug"])
                 if self.file(item["index"], method).exists():
                     frames.append(self.read(item, method).assign(policy=entry["slug"]))
-        return pd.concat(frames, ignore_index=True)[SAMPLE_COLUMNS] if frames else None
+        if not frames:
+            return None
+        samples = pd.concat(frames, ignore_index=True)
+        columns = sample_columns(partial_at)
+        lacking = [c for c in columns if c not in samples and c not in LATER_COLUMNS]
+        if lacking:
+            raise UserError(f"the samples stored in {self.folder()} have no column {', '.join(lacking)}")
+        return samples.reindex(columns=columns)
 
     # ------------------------------------------------------------------ result tables
 

@@ -6,7 +6,11 @@ returns one number per response, e.g.::
     def brevity(prompts, responses):
         return [-len(r.split()) for r in responses]
 
-and is served with ``--reward-model mypackage.rewards:brevity``.
+and is served with ``--reward-model mypackage.rewards:brevity``. A function that can also judge
+unfinished answers (for early rejection, ``bonbench.rejection``) carries that scorer, with the same
+signature, as its ``score_partial`` attribute::
+
+    brevity.score_partial = lambda prompts, responses: [-len(r.split()) for r in responses]
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ class FunctionReward:
             raise UserError(f"reward {spec!r}: {attr!r} is not callable (it is a {type(fn).__name__}).")
         self.name = spec
         self._fn: Callable[[Sequence[Prompt], Sequence[str]], Sequence[float]] = fn
+        partial = getattr(fn, "score_partial", None)
+        if callable(partial):  # only then does the reward have score_partial (rewards.base.scores_partial)
+            self.score_partial = lambda prompts, responses: list(partial(prompts, responses))
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         return list(self._fn(prompts, responses))

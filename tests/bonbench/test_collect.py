@@ -6,7 +6,21 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from bonbench.collect import check_model_source, load_models, sample_policy, sample_pool
+import hashlib
+
+import numpy as np
+
+from bonbench.backends.base import Candidate
+from bonbench.collect import (
+    POOL,
+    _draw,
+    _encode,
+    _partial_texts,
+    check_model_source,
+    load_models,
+    sample_policy,
+    sample_pool,
+)
 from bonbench.errors import UserError
 from bonbench.rewards.function import FunctionReward
 
@@ -15,6 +29,11 @@ def length_reward(prompts, responses):
     return [float(len(r)) for r in responses]
 
 
+def hashed(responses):
+    return [int(hashlib.sha256(r.encode()).hexdigest()[:12], 16) / 16**12 for r in responses]
+
+
+length_reward.score_partial = lambda prompts, responses: hashed(responses)
 REWARD = f"{__name__}:length_reward"
 BATCH = [{"index": 3, "id": "x", "document": "The council met on Monday and approved the budget."},
          {"index": 7, "id": "y", "document": "Heavy rain closed two roads near the river overnight."}]
@@ -58,3 +77,38 @@ def test_a_prompts_draws_do_not_depend_on_its_batch(tiny_model_path):
     assert policy["policy"].tolist() == ["self"] * 4 and policy["role"].eq("policy").all()
     # the policy is the reference: teacher forcing under the reference gives back the sampler's log π
     assert (policy["logprob"] - policy["ref_logprob"]).abs().max() < 1e-3
+
+
+def test_pool_candidates_store_their_self_certainty_and_the_partial_rewards_of_their_first_tokens(tiny_model_path):
+    from bonbench.tasks import summary_prompt
+
+    models = load_models(tiny_model_path, dtype="float32")
+    frame = sample_pool(models, FunctionReward(REWARD), BATCH, k=1, pool=2, max_tokens=5, temperature=1.0, seed=0,
+                        partial_at=[2, 4])
+    ref = models.reference
+    ids = [_encode(ref.tokenizer, summary_prompt(item["document"]), 5, ref.model) for item in BATCH]
+    again, _ = _draw(ref, ids, BATCH, n=3, max_tokens=5, temperature=1.0, seed=0, role=POOL)  # the same draws
+    drawn = [c for prompt_cands in again for c in prompt_cands]
+    assert frame["text"].tolist() == [c.text for c in drawn]
+    assert frame["self_certainty"].to_numpy() == pytest.approx([c.self_certainty for c in drawn], rel=1e-4)
+    for c, (_, row) in zip(drawn, frame.iterrows()):
+        for checkpoint in (2, 4):
+            value = row[f"partial_reward_{checkpoint}"]
+            if row["role"] == "reference" or c.num_tokens <= checkpoint:
+                assert np.isnan(value)
+            else:
+                prefix = ref.tokenizer.decode(c.token_ids[:checkpoint], skip_special_tokens=True)
+                assert value == hashed([prefix])[0]
+    candidates = frame["role"] == "candidate"
+    assert (frame.loc[candidates, "partial_seconds"] >= 0).all()
+    assert frame.loc[~candidates, "partial_seconds"].isna().all()
+    assert frame.loc[candidates, "partial_reward_2"].notna().any()
+
+
+def test_partial_texts_are_the_first_tokens_of_candidates_that_run_past_the_checkpoint(tiny_model_path):
+    tokenizer = load_models(tiny_model_path, dtype="float32").reference.tokenizer
+    ids = tokenizer.encode("The council met on Monday", add_special_tokens=False)
+    eos = tokenizer.eos_token_id
+    finished = Candidate("", num_tokens=len(ids) + 1, finish_reason="stop", token_ids=[*ids, eos])
+    texts = _partial_texts(tokenizer, finished, [2, len(ids), len(ids) + 1])
+    assert texts == {2: tokenizer.decode(ids[:2]), len(ids): tokenizer.decode(ids)}  # not past its end

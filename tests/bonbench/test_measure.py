@@ -25,7 +25,7 @@ from bonbench.config import parse_config
 from bonbench.cli import run_command
 from bonbench.errors import UserError
 from bonbench.measure import MeasureConfig, main
-from bonbench.samplestore import policy_slug
+from bonbench.samplestore import POOL_SETTINGS, policy_slug
 from bonbench.server.launch import child_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ SUMMARY_COLUMNS = [
 ]
 SAMPLE_COLUMNS = [
     "prompt_index", "prompt_id", "role", "policy", "sample_index", "text", "num_tokens", "finish_reason", "logprob",
-    "ref_logprob", "sample_seconds", "reward", "reward_seconds", "created",
+    "ref_logprob", "self_certainty", "sample_seconds", "reward", "reward_seconds", "partial_seconds", "created",
 ]
 TIMING = ["seconds_per_request"]
 
@@ -50,8 +50,16 @@ def constant_reward(prompts, responses):
     return [0.5 for _ in responses]
 
 
+def partial_reward(prompts, responses):
+    """``hashed_reward``, able to score unfinished answers too (on another hash)."""
+    return hashed_reward(prompts, responses)
+
+
+partial_reward.score_partial = lambda prompts, responses: hashed_reward(prompts, [f"partial:{r}" for r in responses])
+
 HASHED = f"{__name__}:hashed_reward"
 CONSTANT = f"{__name__}:constant_reward"
+PARTIAL = f"{__name__}:partial_reward"
 
 
 # ---------------------------------------------------------------------------------------
@@ -213,8 +221,148 @@ def test_lora_adapter_policy_is_loaded_on_the_reference(tiny_model_path, tmp_pat
     assert np.isfinite(kl) and kl > 0
 
 
+# ---------------------------------------------------------------------------------------
+# Selection rules and early rejection on the same pool
+
+
+VARIANTS = ["--partial-at", "2", "4", "--rules", "argmax", "soft:temperature=0.1", "self-certainty", "majority",
+            "--early-rejection", "2:0.5", "2,4:1"]
+
+
+def _variant_run(model, out, limit=3):
+    # one prompt a batch: a prompt's log-probabilities and self-certainties then carry no float noise from
+    # the padding of other prompts, so a resumed run and a fresh one agree to the last bit
+    main(["--model", model, "--reward-model", PARTIAL, "--limit", str(limit), "--ns", "1", "2", "4", "--k", "4",
+          "--max-tokens", "6", "--batch-prompts", "1", "--out", str(out), *VARIANTS])
+    return pd.read_parquet(out / "summary.parquet"), pd.read_parquet(out / "samples.parquet")
+
+
+@pytest.fixture(scope="module")
+def variant_run(tiny_model_path, tmp_path_factory) -> Path:
+    """A run of three prompts with four rules and two early-rejection plans (kept whole: tests copy it)."""
+    out = tmp_path_factory.mktemp("variants") / "run"
+    _variant_run(tiny_model_path, out)
+    return out
+
+
+def test_rules_and_early_rejection_are_rows_measured_on_the_same_candidates(variant_run):
+    summary = pd.read_parquet(variant_run / "summary.parquet").set_index("method")
+    samples = pd.read_parquet(variant_run / "samples.parquet")
+    assert summary.index.tolist() == [
+        "BoN-1", "BoN-2", "BoN-4",
+        "BoN-2:argmax", "BoN-4:argmax", "BoN-2:soft(temperature=0.1)", "BoN-4:soft(temperature=0.1)",
+        "BoN-2:self-certainty", "BoN-4:self-certainty", "BoN-2:majority", "BoN-4:majority",
+        "ER-2:2:0.5", "ER-4:2:0.5", "ER-2:2,4:1", "ER-4:2,4:1"]
+    assert list(samples.columns) == SAMPLE_COLUMNS + ["partial_reward_2", "partial_reward_4"]
+    assert samples["self_certainty"].notna().all() and (samples["self_certainty"] > 0).all()
+    candidates = samples["role"] == "candidate"
+    for c in (2, 4):
+        scored = samples[f"partial_reward_{c}"].notna()
+        assert (scored == (candidates & (samples["num_tokens"] > c))).all()
+    for n in (2, 4):
+        argmax, plain = summary.loc[f"BoN-{n}:argmax"], summary.loc[f"BoN-{n}"]
+        # the argmax on the disjoint groups makes Best-of-N's own comparisons
+        win = ["win_rate", "win_low", "win_high", "win_pairs"]
+        assert argmax[win].tolist() == plain[win].tolist()
+        # early rejection that keeps every candidate serves what the argmax serves, for as many tokens
+        keep_all = summary.loc[f"ER-{n}:2,4:1"]
+        pd.testing.assert_series_equal(keep_all.drop("seconds_per_request"), argmax.drop("seconds_per_request"),
+                                       check_names=False)
+        assert keep_all["seconds_per_request"] >= argmax["seconds_per_request"]  # and scores partial answers
+        rejecting = summary.loc[f"ER-{n}:2:0.5"]
+        assert rejecting["tokens_per_request"] < argmax["tokens_per_request"]
+        assert rejecting["tokens_per_request"] <= plain["tokens_per_request"]
+        assert rejecting["win_pairs"] == plain["win_pairs"]
+    variants = summary[summary.index.str.contains(":")]
+    assert variants[["kl_measured", "kl_analytic", "win_rate_theory", "log_quantile_theory"]].isna().all().all()
+    assert ((variants["win_low"] <= variants["win_rate"]) & (variants["win_rate"] <= variants["win_high"])).all()
+
+
+def test_a_run_with_partial_rewards_resumes_and_refuses_other_checkpoints(tiny_model_path, variant_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(variant_run, out)
+    before = _snapshot(out / "samples")
+    summary, samples = _variant_run(tiny_model_path, out, limit=4)
+    after = _snapshot(out / "samples")
+    assert {name: after[name] for name in before} == before
+    assert sorted(set(after) - set(before)) == ["prompt-00003.parquet"]
+    fresh_summary, fresh_samples = _variant_run(tiny_model_path, tmp_path / "fresh", limit=4)
+    columns = [c for c in samples.columns if c not in ("created", "sample_seconds", "reward_seconds",
+                                                       "partial_seconds")]
+    pd.testing.assert_frame_equal(samples[columns], fresh_samples[columns])
+    pd.testing.assert_frame_equal(summary.drop(columns=TIMING), fresh_summary.drop(columns=TIMING))
+    with pytest.raises(UserError, match=r"other settings \(partial_at: \[2, 4\] -> \[2\]\)"):
+        main(["--model", tiny_model_path, "--reward-model", PARTIAL, "--limit", "4", "--ns", "1", "2", "--k", "4",
+              "--max-tokens", "6", "--partial-at", "2", "--out", str(out)])
+
+
+def test_an_old_run_folder_resumes_with_the_new_options_at_their_defaults(tiny_model_path, tmp_path):
+    """A folder written before pools stored self-certainty and partial rewards: its run.json has no
+    partial_at and its samples lack the new columns. It resumes, grows, and measures the rules that
+    read what it holds; the others, and other checkpoints, are refused in a sentence."""
+    out = tmp_path / "run"
+    _run(tiny_model_path, out, limit=2, reward=PARTIAL)
+    run_json = json.loads((out / "run.json").read_text())
+    del run_json["settings"]["partial_at"]
+    for key in ("partial_at", "rules", "early_rejection"):
+        del run_json["config"][key]
+    (out / "run.json").write_text(json.dumps(run_json))
+    for path in (out / "samples").glob("*.parquet"):
+        pd.read_parquet(path).drop(columns=["self_certainty", "partial_seconds"]).to_parquet(path, index=False)
+
+    summary, samples = _run(tiny_model_path, out, "--rules", "argmax", limit=2, reward=PARTIAL)  # nothing to draw
+    assert summary["method"].tolist() == ["BoN-1", "BoN-2", "BoN-2:argmax"]
+    assert list(samples.columns) == SAMPLE_COLUMNS and samples["self_certainty"].isna().all()
+    summary, samples = _run(tiny_model_path, out, "--rules", "argmax", "majority", reward=PARTIAL)
+    assert summary["method"].tolist() == ["BoN-1", "BoN-2", "BoN-2:argmax", "BoN-2:majority"]
+    assert samples.groupby("prompt_index")["self_certainty"].count().tolist() == [0, 0, 6]  # only the new pool's
+    with pytest.raises(UserError, match="lacks for 2 prompts"):
+        _run(tiny_model_path, out, "--rules", "self-certainty", reward=PARTIAL)
+    with pytest.raises(UserError, match=r"other settings \(partial_at: \[\] -> \[2\]\)"):
+        _run(tiny_model_path, out, "--partial-at", "2", "--early-rejection", "2:0.5", reward=PARTIAL)
+
+
+def test_partial_rewards_need_a_reward_that_scores_unfinished_answers(tiny_model_path, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=f"--partial-at needs a reward that scores unfinished answers "
+                                        f"\\(score_partial\\); --reward-model {HASHED} has none"):
+        _run(tiny_model_path, out, "--partial-at", "2")
+    assert not (out / "samples").exists()
+
+
+def test_the_early_rejection_report_is_written_from_a_run(variant_run, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_report", REPO / "reports/early-rejection/make_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    report.main([str(variant_run), str(tmp_path)])
+    text = (tmp_path / "README.md").read_text()
+    summary = pd.read_parquet(variant_run / "summary.parquet")
+    table = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert sorted(line.split(" | ")[0].removeprefix("| ") for line in table) == sorted(summary["method"])
+    assert (tmp_path / "cost_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the command it prints makes the same pool, prompts and rows as the one that made the run
+    line = next(line.strip() for line in text.splitlines() if line.strip().startswith("python -m bonbench measure"))
+    cfg = dataclasses.asdict(parse_config(MeasureConfig, shlex.split(line.removeprefix("python -m bonbench measure "))))
+    made = json.loads((variant_run / "run.json").read_text())["config"]
+    same = [*POOL_SETTINGS, "limit", "ns", "rules", "early_rejection"]
+    assert {k: cfg[k] for k in same} == {k: made[k] for k in same}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--ns", "1", "4", "--pool", "2"], "cannot hold a Best-of-4"),
+    (["--rules", "best"], "unknown selection rule 'best'"),
+    (["--rules", "soft:temperature=-1"], "needs temperature > 0"),
+    (["--rules", "majority:beta=1"], "selection 'majority' takes no parameters"),
+    (["--early-rejection", "8"], "CHECKPOINTS:KEEP"),
+    (["--early-rejection", "8:1.5", "--partial-at", "8"], "in (0, 1]"),
+    (["--early-rejection", "8,16:0.5", "--partial-at", "8"], "each checkpoint must be one of --partial-at (now 8)"),
+    (["--early-rejection", "8:0.5"], "must be one of --partial-at (now none)"),
+    (["--partial-at", "48"], "--partial-at needs token counts from 1 to --max-tokens - 1 (47)"),
+    (["--rules", "majority", "--ns", "1"], "measured at each N > 1 of --ns; it has none"),
     (["--policy", "x", "--temperature", "0.7"], "needs --temperature 1"),
     (["--k", "0"], "--k must be >= 1"),
     (["--temperature", "0"], "distinct random samples"),

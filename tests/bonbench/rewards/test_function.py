@@ -8,7 +8,7 @@ import re
 import pytest
 
 from bonbench.errors import UserError
-from bonbench.rewards.base import RewardError, checked_scores
+from bonbench.rewards.base import RewardError, checked_scores, scores_partial
 from bonbench.rewards.function import FunctionReward
 
 SPEC = f"{__name__}:brevity"
@@ -24,6 +24,13 @@ class Scorers:
     @staticmethod
     def shout(prompts, responses):
         return [float(r.isupper()) for r in responses]
+
+
+def with_partial(prompts, responses):
+    return [float(len(r)) for r in responses]
+
+
+with_partial.score_partial = lambda prompts, responses: [-float(len(r)) for r in responses]
 
 
 def raises(prompts, responses):
@@ -100,3 +107,11 @@ def test_checked_scores_turns_every_failure_into_a_reward_error_that_says_why(fu
 def test_checked_scores_returns_floats():
     scores = checked_scores(FunctionReward(SPEC), ["p"], ["a b"])
     assert scores == [-2.0] and isinstance(scores[0], float)
+
+
+def test_a_function_with_a_score_partial_attribute_scores_partial_answers_and_others_do_not():
+    reward = FunctionReward(f"{__name__}:with_partial")
+    assert scores_partial(reward)
+    assert checked_scores(reward, ["p", "p"], ["ab", "abc"], partial=True) == [-2.0, -3.0]
+    assert checked_scores(reward, ["p", "p"], ["ab", "abc"]) == [2.0, 3.0]
+    assert not scores_partial(FunctionReward(SPEC))
