@@ -7,6 +7,11 @@ returns one number per response, e.g.::
         return [-len(r.split()) for r in responses]
 
 and is served with ``--reward-model mypackage.rewards:brevity``.
+
+Early rejection scores unfinished answers too: give the callable a ``score_partial`` attribute with
+the same signature (``brevity.score_partial = partial_brevity``, or a method of a callable object)
+and the reward has ``score_partial`` (``bonbench.rewards.base.scores_partial``); without one the
+server refuses early rejection with this reward.
 """
 
 from __future__ import annotations
@@ -28,11 +33,20 @@ class FunctionReward:
                 raise UserError(f"reward {spec!r}: the module {module_name!r} has no attribute {attr!r}.")
         if not callable(fn):
             raise UserError(f"reward {spec!r}: {attr!r} is not callable (it is a {type(fn).__name__}).")
+        partial = getattr(fn, "score_partial", None)
+        if partial is not None and not callable(partial):
+            raise UserError(f"reward {spec!r}: its score_partial is not callable (it is a {type(partial).__name__}).")
         self.name = spec
         self._fn: Callable[[Sequence[Prompt], Sequence[str]], Sequence[float]] = fn
+        if partial is not None:
+            self._partial = partial
+            self.score_partial = self._score_partial  # only then: scores_partial() reads its presence
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         return list(self._fn(prompts, responses))
+
+    def _score_partial(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        return list(self._partial(prompts, responses))
 
 
 def _import_module(module_name: str, spec: str):
