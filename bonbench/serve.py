@@ -1,6 +1,7 @@
 """``python -m bonbench serve``: an OpenAI-compatible Best-of-N server.
 
     python -m bonbench serve --n 8                                  # embedded SmolLM2 + default reward
+    python -m bonbench serve --n 16 --early-rejection 16,32:0.25    # stop the weakest candidates early
     python -m bonbench serve --model Qwen/Qwen2.5-1.5B-Instruct --backend vllm \\
         --reward-model Skywork/Skywork-Reward-V2-Llama-3.1-8B --device cuda
     python -m bonbench serve --upstream http://127.0.0.1:8001/v1 --n 16   # score a vllm serve fleet

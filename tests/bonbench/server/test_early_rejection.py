@@ -14,10 +14,11 @@ import numpy as np
 import openai
 import pytest
 
+from bonbench.backends.base import prompt_text
 from bonbench.rejection import EarlyRejection, estimated_tokens_saved, simulate
 from bonbench.serve import ServeConfig
 
-from .conftest import TINY_NAME, start_server
+from .conftest import TINY_NAME, assert_error, start_server
 
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
 DEFAULT = "2,4:0.5"
@@ -29,7 +30,10 @@ def letters(prompts, responses):
 
 
 def _partial_hash(prompts, responses):
-    """A partial answer's score: a hash of its text into 5 levels (ties happen)."""
+    """A partial answer's score: a hash of its text into 5 levels (ties happen); raises for a prompt
+    that says EXPLODE."""
+    if any("EXPLODE" in prompt_text(p) for p in prompts):
+        raise ValueError("the partial scorer refuses prompts that say EXPLODE")
     return [float(zlib.crc32(r.encode()) % 5) for r in responses]
 
 
@@ -134,6 +138,14 @@ def test_the_default_does_not_apply_where_it_cannot_run(er_server):
     assert "early_rejection" not in _bon(_chat(er_server, selection="majority", n=1))
     greedy = _bon(_chat(er_server, temperature=0.0))
     assert "early_rejection" not in greedy and len({c["text"] for c in greedy["candidates"]}) == 1
+
+
+def test_a_partial_scorer_that_raises_fails_its_request_with_a_500_and_the_server_goes_on(er_server):
+    response = er_server.post("/chat/completions", json={
+        "model": TINY_NAME, "max_tokens": 8, "messages": [{"role": "user", "content": "Please EXPLODE now."}]})
+    error = assert_error(response, 500, "reward_error", message_contains="refuses prompts that say EXPLODE")
+    assert f"{__name__}:letters" in error["message"]
+    assert _bon(_chat(er_server))["early_rejection"] == DEFAULT
 
 
 @pytest.mark.parametrize("extra, message", [
