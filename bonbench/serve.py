@@ -1,6 +1,7 @@
 """``python -m bonbench serve``: an OpenAI-compatible Best-of-N server.
 
     python -m bonbench serve --n 8                                  # embedded SmolLM2 + default reward
+    python -m bonbench serve --n 16 --early-rejection 16,32:0.25    # stop the weakest candidates early
     python -m bonbench serve --model Qwen/Qwen2.5-1.5B-Instruct --backend vllm \\
         --reward-model Skywork/Skywork-Reward-V2-Llama-3.1-8B --device cuda
     python -m bonbench serve --upstream http://127.0.0.1:8001/v1 --n 16   # score a vllm serve fleet
@@ -33,6 +34,10 @@ class ServeConfig:
     selection: str = option("argmax", "how to choose among the N (a request's 'selection' overrides it): argmax, "
                                      "soft, regularized, self-certainty or majority; NAME:key=value,... sets "
                                      "parameters, e.g. soft:temperature=0.5")
+    early_rejection: str = option("", "CHECKPOINTS:KEEP, e.g. 16,32:0.25: score the unfinished candidates on their "
+                                      "partial answers at these token counts and keep the best fraction KEEP "
+                                      "(at least a request's n); transformers backend, a reward with "
+                                      "score_partial; a request's 'early_rejection' overrides it (default: off)")
     judge_model: str = option("", "model name for --reward-model judge")
     judge_base_url: str = option("", "OpenAI-compatible base URL of the judge (default: OpenAI's)")
     judge_api_key: str = option("", "API key of the judge")
@@ -74,10 +79,28 @@ class ServeConfig:
         if rule.name == "self-certainty" and (self.upstream or self.backend != "transformers"):
             raise ValueError("--selection self-certainty reads the model's next-token distributions, which only "
                              "the transformers backend reports")
+        if self.early_rejection:
+            self._check_early_rejection(rule)
         if self.default_max_tokens > self.max_tokens:
             raise ValueError("--default-max-tokens exceeds --max-tokens")
         if not self.max_body_mb * 2**20 >= 1:
             raise ValueError(f"--max-body-mb must be positive, got {self.max_body_mb}")
+
+    def _check_early_rejection(self, rule) -> None:
+        """What can be known before loading anything; the reward's score_partial is checked once loaded."""
+        from bonbench.rejection import parse_early_rejection
+
+        try:
+            parse_early_rejection(self.early_rejection)
+        except ValueError as exc:
+            raise ValueError(f"--early-rejection: {exc}") from exc
+        if self.upstream or self.backend != "transformers":
+            raise ValueError("--early-rejection pauses the candidates to score them, which only the transformers "
+                             "backend can do")
+        if self.reward_model == "none" or not rule.needs_reward:
+            raise ValueError(f"--early-rejection stops candidates by their reward on partial answers: it needs a "
+                             f"reward model and a rule that ranks by it (not --selection {rule.name}, "
+                             f"--reward-model {self.reward_model})")
 
 
 def build_service(cfg: ServeConfig):
@@ -114,9 +137,15 @@ def build_service(cfg: ServeConfig):
     limits = Limits(default_best_of=cfg.n, max_best_of=cfg.max_best_of, default_max_tokens=cfg.default_max_tokens,
                     max_tokens=cfg.max_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
                     max_in_flight=cfg.max_in_flight, max_body_bytes=int(cfg.max_body_mb * 2**20))
+    from bonbench.errors import UserError
+    from bonbench.rejection import parse_early_rejection
     from bonbench.select import parse_rule
+    from bonbench.server.service import early_rejection_unavailable
 
-    return BestOfNService(backend, reward, name, limits, selection=parse_rule(cfg.selection))
+    plan = parse_early_rejection(cfg.early_rejection) if cfg.early_rejection else None
+    if plan is not None and (why := early_rejection_unavailable(backend, reward)):
+        raise UserError(f"--early-rejection cannot run: {why}.")
+    return BestOfNService(backend, reward, name, limits, selection=parse_rule(cfg.selection), early_rejection=plan)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
 
     service = build_service(cfg)
     app = build_app(service, api_key=cfg.api_key or None)
-    log.info("serving %s with best_of=%d, reward %s, selection %s, on http://%s:%d/v1", service.model_name, cfg.n,
-             cfg.reward_model, cfg.selection, cfg.host, cfg.port)
+    log.info("serving %s with best_of=%d, reward %s, selection %s, early rejection %s, on http://%s:%d/v1",
+             service.model_name, cfg.n, cfg.reward_model, cfg.selection, cfg.early_rejection or "off", cfg.host,
+             cfg.port)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)

@@ -33,6 +33,7 @@ SECTION_TOPICS = {
     "5": "baselines",
     "6": "measure",
     "7": "test bed",
+    "9": "early rejection",
 }
 
 _NUMBER = r"\d+(?:\.\d+)?"

@@ -7,7 +7,10 @@ that is the reward model's and the service's job.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, TypedDict, Union, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, TypedDict, Union, runtime_checkable
+
+if TYPE_CHECKING:
+    from bonbench.rejection import EarlyRejection
 
 
 class Message(TypedDict):
@@ -36,7 +39,12 @@ def prompt_text(prompt: Prompt) -> str:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample. ``temperature == 0`` is greedy decoding."""
+    """How to sample. ``temperature == 0`` is greedy decoding.
+
+    ``early_rejection``: score the unfinished candidates at its checkpoints and stop all but the best
+    (``bonbench.rejection``; only a backend with ``supports_early_rejection`` runs it, with a
+    ``score_partial`` given to ``generate``); at least ``keep_at_least`` go on past every checkpoint.
+    """
 
     n: int = 1
     max_tokens: int = 64
@@ -45,6 +53,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: bool = False  # keep each token's log-probability (sums are always kept)
+    early_rejection: EarlyRejection | None = None
+    keep_at_least: int = 1
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -55,6 +65,11 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 1 <= self.keep_at_least <= self.n:
+            raise ValueError(f"keep_at_least must be in [1, n={self.n}], got {self.keep_at_least}")
+        if self.early_rejection is not None and self.temperature == 0:
+            raise ValueError("early rejection ranks different candidates; at temperature 0 every candidate is "
+                             "the same greedy answer")
 
 
 @dataclass
@@ -68,7 +83,8 @@ class Candidate:
 
     text: str
     num_tokens: int
-    finish_reason: str  # "stop" (EOS or a stop string), "length" (max_tokens) or "cancelled"
+    # "stop" (EOS or a stop string), "length" (max_tokens), "cancelled", or "rejected" (early rejection)
+    finish_reason: str
     logprob: float | None = None
     token_ids: list[int] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)  # filled when SamplingParams.logprobs
@@ -80,6 +96,14 @@ class Candidate:
     # distribution at temperature 1: the self-certainty of bonbench.select; None where the backend
     # does not see whole distributions (vllm, an upstream)
     self_certainty: float | None = None
+    # early rejection: its score on its partial text at each checkpoint it reached running, and the
+    # checkpoint at which it was stopped (None: it ran to its end)
+    partial_scores: list[float] = field(default_factory=list)
+    rejected_at: int | None = None
+
+
+# Scores the partial texts of one request's running candidates (the caller binds the prompt).
+PartialScorer = Callable[[list[str]], list[float]]
 
 
 @dataclass
@@ -128,6 +152,13 @@ def check_context(prompt_tokens: int, max_tokens: int, context: int | None, hint
                             f"the model's context of {context} tokens" + (f"; {hint}" if hint else ""))
 
 
+def refuse_early_rejection(params: SamplingParams, backend: str) -> None:
+    """Raise a ``ValueError`` if ``params`` ask for early rejection, which ``backend`` cannot run."""
+    if params.early_rejection is not None:
+        raise ValueError(f"the {backend} backend cannot run early rejection (it does not pause its candidates to "
+                         "score them); only the transformers backend can")
+
+
 class UpstreamError(RuntimeError):
     """An upstream server failed or refused; ``status`` is its HTTP status (None: unreachable)."""
 
@@ -144,6 +175,11 @@ class Backend(Protocol):
     ``openai`` (an upstream OpenAI-compatible server). ``generate`` may be called concurrently
     from many coroutines; a backend batches what it can. One that can count what cancelled
     requests cost also has a ``cancelled_work: CancelledWork`` attribute (optional).
+
+    Early rejection (``params.early_rejection``) is optional too: a backend that runs it has
+    ``supports_early_rejection = True`` and calls the ``score_partial`` given to ``generate`` from
+    its own thread, blocking, at each checkpoint; the others refuse such params with a ``ValueError``
+    (``refuse_early_rejection``).
     """
 
     model_name: str
@@ -158,9 +194,11 @@ class Backend(Protocol):
         """The model's context length in tokens, or ``None`` if unknown."""
         ...
 
-    async def generate(self, prompt: Prompt, params: SamplingParams) -> Generation:
+    async def generate(self, prompt: Prompt, params: SamplingParams,
+                       score_partial: PartialScorer | None = None) -> Generation:
         """Draw ``params.n`` candidates for ``prompt``. Raises ``PromptTooLong`` if the prompt does
-        not fit, and frees its work if the awaiting task is cancelled."""
+        not fit, and frees its work if the awaiting task is cancelled. ``score_partial`` scores
+        partial texts for ``params.early_rejection`` (required with it, ignored without)."""
         ...
 
     async def close(self) -> None:

@@ -8,8 +8,10 @@ An ``Engine`` holds one decoding batch. Each ``step()``
    prompt is prefilled in chunks over several steps, so it delays everyone's next token by one
    chunk, not by its whole prompt. A prompt is prefilled once per distinct (prompt, adapter),
    unpadded, and its keys and values are copied to its rows when they join;
-3. draws one token for every row, lets finished (and cancelled) rows leave, hands back each
-   request whose rows are all finished, and runs one decoding forward pass for the rest.
+3. draws one token for every row; pauses to score the requests whose candidates just reached an
+   early-rejection checkpoint, and stops the losers (below); lets finished, rejected and cancelled
+   rows leave, hands back each request whose rows are all finished, and runs one decoding forward
+   pass for the rest.
 
 The batch keeps each prompt's keys and values once, however many candidates continue it, and each
 row's own tokens apart (``bonbench.backends.shared_prefix``: the candidates attend to one copy of
@@ -17,6 +19,17 @@ their prompt); both are written in place (``bonbench.backends.kv``). Positions a
 row, so a row that joins late continues exactly as it would alone (up to float rounding). Each row
 draws from its own generator: a seeded request's tokens do not depend on which requests share its
 batch, or on when it joined.
+
+Early rejection (``SamplingParams.early_rejection``, docs/math.md §9): a request's rows join the
+batch together and draw one token per step, so its running rows (neither finished nor rejected)
+always have equal length. When that length reaches a checkpoint ``c``, the engine decodes each
+running row's tokens to text, calls the request's ``score_partial`` on them, records each score on
+its row, and stops all but the best with ``bonbench.rejection.rejected`` (``finish_reason
+"rejected"``, ``rejected_at = c``); a row that ended on its ``c``-th token is finished, not running.
+Scoring is synchronous, on the thread that drives the engine: the whole batch waits while the reward
+scores. A scorer that raises (or returns the wrong count, or a NaN) fails its own request, whose rows
+leave the batch; the others go on. Rejection never changes a surviving row's tokens: each draws from
+its own generator.
 
 With ``adapters=True`` every request names a PEFT adapter (``rows.BASE`` for none) and each
 forward pass runs the rows under their own adapters (PEFT's mixed-adapter batches).
@@ -29,6 +42,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from bonbench.backends import kv
@@ -37,6 +51,7 @@ from bonbench.backends.prefill import forward_with_adapters
 from bonbench.backends.rows import (Row, SampleRequest, candidates, cut_at_stop, draw, process_logits, request_rows,
                                     uniform_kl)
 from bonbench.backends.shared_prefix import ATTENTION, SharedPrefixCache, attention_of
+from bonbench.rejection import rejected
 
 
 @dataclass(eq=False)
@@ -97,6 +112,12 @@ class Engine:
             raise ValueError("in a batch that names adapters, every request must name one (BASE for none)")
         if not self.adapters and (request.adapter is not None or request.score_with):
             raise ValueError("this engine runs the model as is: build it with adapters=True to name adapters")
+        if request.params.early_rejection is not None:
+            if request.score_with:
+                raise ValueError("early rejection stops candidates mid-way; it cannot run with score_with "
+                                 "(shadow rows score whole candidates)")
+            if request.score_partial is None:
+                raise ValueError("early rejection needs the request's score_partial, to score partial candidates")
         rows = request_rows(request)
         self._waiting.append(_Pending(request, on_done, on_error, rows, len(rows)))
 
@@ -208,13 +229,17 @@ class Engine:
         certainty = uniform_kl(logits)
         for row, value in zip(self._rows, certainty.tolist()):
             row.uniform_kl_sum += value
-        keep = [i for i, row in enumerate(self._rows) if not self._advance(row, int(tokens[i]), float(chosen[i]))]
-        if len(keep) < len(self._rows):
-            for row in (self._rows[i] for i in set(range(len(self._rows))) - set(keep)):
-                pending = self._owner.pop(id(row))
+        leaving = {i for i, row in enumerate(self._rows) if self._advance(row, int(tokens[i]), float(chosen[i]))}
+        leaving |= self._checkpoints()
+        if leaving:
+            for i in sorted(leaving):
+                pending = self._owner.pop(id(self._rows[i]), None)
+                if pending is None:
+                    continue  # its request failed at a checkpoint and has been told
                 pending.unfinished -= 1
                 if pending.unfinished == 0:
                     self._deliver(pending)
+            keep = [i for i in range(len(self._rows)) if i not in leaving]
             if not keep:
                 self._drop_batch()
                 return
@@ -242,6 +267,53 @@ class Engine:
         elif len(row.token_ids) >= row.params.max_tokens:
             row.finish_reason = "length"
         return row.finish_reason is not None
+
+    # -- early rejection ---------------------------------------------------------------------
+
+    def _checkpoints(self) -> set[int]:
+        """Score and reject where a request's running rows just reached a checkpoint; the batch positions
+        of the rows that leave: the rejected ones, and every row of a request whose scorer failed."""
+        reached: dict[int, list[int]] = {}  # id(request) -> positions of its running rows
+        for i, row in enumerate(self._rows):
+            plan = row.params.early_rejection
+            if plan is not None and row.finish_reason is None and len(row.token_ids) in plan.checkpoints:
+                reached.setdefault(id(self._owner[id(row)]), []).append(i)
+        leaving: set[int] = set()
+        for positions in reached.values():
+            pending = self._owner[id(self._rows[positions[0]])]
+            try:
+                stopped = self._reject(pending, [self._rows[i] for i in positions])
+            except Exception as exc:  # the scorer is the caller's code: it fails its own request only
+                leaving.update(i for i, row in enumerate(self._rows) if self._owner.get(id(row)) is pending)
+                self._fail_request(pending, exc)
+                continue
+            leaving.update(positions[j] for j in stopped)
+        return leaving
+
+    def _reject(self, pending: _Pending, rows: list[Row]) -> np.ndarray:
+        """Score one request's running ``rows`` (draw order, all at one checkpoint) on their partial
+        text, record the scores and stop the losers; returns the losers' positions in ``rows``."""
+        params = pending.request.params
+        checkpoint = len(rows[0].token_ids)
+        texts = [self.tokenizer.decode(row.token_ids, skip_special_tokens=True) for row in rows]
+        scores = [float(s) for s in pending.request.score_partial(texts)]
+        if len(scores) != len(rows):
+            raise ValueError(f"score_partial returned {len(scores)} scores for {len(rows)} partial candidates")
+        stopped = rejected(scores, params.early_rejection, params.keep_at_least)
+        for row, score in zip(rows, scores):
+            row.partial_scores.append(score)
+        for j in stopped:
+            rows[j].finish_reason, rows[j].rejected_at = "rejected", checkpoint
+        return stopped
+
+    def _fail_request(self, pending: _Pending, error: BaseException) -> None:
+        """Take ``pending``'s rows out of the owner map (the caller drops them from the batch) and
+        hand it ``error``."""
+        for row in pending.rows:
+            self._owner.pop(id(row), None)
+        if pending.on_error is None:
+            raise error
+        pending.on_error(error)
 
     def _deliver(self, pending: _Pending) -> None:
         pending.on_done(candidates(self.tokenizer, pending.rows, self.eos, self.keep_tokens))

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 
-from bonbench.backends.base import Candidate, Generation, Prompt, SamplingParams, UpstreamError, is_chat
+from bonbench.backends.base import (Candidate, Generation, PartialScorer, Prompt, SamplingParams, UpstreamError,
+                                    is_chat, refuse_early_rejection)
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,11 @@ class OpenAIUpstreamBackend:
     def count_prompt_tokens(self, prompt: Prompt) -> int | None:
         return None
 
-    async def generate(self, prompt: Prompt, params: SamplingParams) -> Generation:
+    async def generate(self, prompt: Prompt, params: SamplingParams,
+                       score_partial: PartialScorer | None = None) -> Generation:
         import openai
 
+        refuse_early_rejection(params, "upstream (--upstream)")
         common = dict(model=self.model_name, n=params.n, max_tokens=params.max_tokens,
                       temperature=params.temperature, top_p=params.top_p, seed=params.seed,
                       stop=list(params.stop) or None)

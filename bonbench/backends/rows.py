@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from bonbench.backends.base import Candidate, SamplingParams
+from bonbench.backends.base import Candidate, PartialScorer, SamplingParams
 from bonbench.seeds import derive_seed
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
@@ -28,6 +28,8 @@ class SampleRequest:
     is_cancelled: Callable[[], bool] = lambda: False
     adapter: str | None = None  # PEFT adapter to sample from (BASE: adapters off); None: the model as is
     score_with: tuple[str, ...] = ()  # adapters that also score each candidate (Candidate.logprob_under)
+    # params.early_rejection's scorer: the partial texts of this request's running candidates -> a score each
+    score_partial: PartialScorer | None = None
 
 
 SCORE = SamplingParams()  # shadow rows read the model's own distribution: temperature 1, top_p 1
@@ -44,6 +46,8 @@ class Row:
     uniform_kl_sum: float = 0.0  # self-certainty: the sum over its tokens of KL(uniform || p_t)
     finish_reason: str | None = None
     text: str | None = None
+    partial_scores: list[float] = field(default_factory=list)  # early rejection: one per checkpoint scored at
+    rejected_at: int | None = None
 
 
 def request_rows(request: SampleRequest) -> list[Row]:
@@ -129,6 +133,8 @@ def to_candidate(tokenizer, row: Row, eos: set[int], keep_tokens: bool) -> Candi
         tokens=[tokenizer.decode([t]) for t in ids] if (keep_tokens and row.params.logprobs) else [],
         token_logprobs=list(row.token_logprobs) if row.params.logprobs else [],
         self_certainty=row.uniform_kl_sum / len(ids) if ids else None,
+        partial_scores=list(row.partial_scores),
+        rejected_at=row.rejected_at,
     )
 
 

@@ -4,6 +4,9 @@ Requests from concurrent clients are queued and one worker thread drives a conti
 ``bonbench.backends.engine.Engine``: at every decoding step, requests that arrived join the batch
 (up to ``max_batch_rows`` candidates; their prompts prefilled in chunks within ``max_batch_tokens``
 tokens per step) and finished ones leave, so a short request never waits for a long batch to end.
+
+It runs early rejection (``SamplingParams.early_rejection``): the engine calls the request's
+``score_partial`` from the worker thread at each checkpoint, and the batch waits for it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
-from bonbench.backends.base import CancelledWork, Generation, Prompt, SamplingParams, check_context, is_chat
+from bonbench.backends.base import (CancelledWork, Generation, PartialScorer, Prompt, SamplingParams, check_context,
+                                    is_chat)
 from bonbench.backends.engine import Engine
 from bonbench.backends.rows import SampleRequest
 
@@ -101,6 +105,8 @@ def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
 class TransformersBackend:
     """Samples in-process; one worker thread owns the model."""
 
+    supports_early_rejection = True
+
     def __init__(self, model, tokenizer, model_name: str, *, max_batch_rows: int = 64, max_batch_tokens: int = 512):
         if max_batch_tokens <= max_batch_rows:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must exceed max_batch_rows ({max_batch_rows})")
@@ -133,11 +139,13 @@ class TransformersBackend:
     def count_prompt_tokens(self, prompt: Prompt) -> int:
         return len(encode_prompt(self.tokenizer, prompt))
 
-    async def generate(self, prompt: Prompt, params: SamplingParams) -> Generation:
+    async def generate(self, prompt: Prompt, params: SamplingParams,
+                       score_partial: PartialScorer | None = None) -> Generation:
+        """``score_partial`` (with ``params.early_rejection``) is called from the worker thread."""
         ids = encode_prompt(self.tokenizer, prompt)
         check_context(len(ids), params.max_tokens, self.max_context)
         loop = asyncio.get_running_loop()
-        job = _Job(SampleRequest(ids, params), loop.create_future(), loop, len(ids))
+        job = _Job(SampleRequest(ids, params, score_partial=score_partial), loop.create_future(), loop, len(ids))
         job.request.is_cancelled = job.cancelled.is_set
         self._queue.put(job)
         try:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from bonbench.backends.base import Candidate, Generation, Prompt, SamplingParams, check_context
+from bonbench.backends.base import (Candidate, Generation, PartialScorer, Prompt, SamplingParams, check_context,
+                                    refuse_early_rejection)
 
 
 class VLLMBackend:
@@ -49,7 +50,9 @@ class VLLMBackend:
     def count_prompt_tokens(self, prompt: Prompt) -> int:
         return len(self._prompt_ids(prompt))
 
-    async def generate(self, prompt: Prompt, params: SamplingParams) -> Generation:
+    async def generate(self, prompt: Prompt, params: SamplingParams,
+                       score_partial: PartialScorer | None = None) -> Generation:
+        refuse_early_rejection(params, "vllm")
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind

@@ -12,7 +12,8 @@ _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 REWARD_HELP = (
     "'default' (the embedded MiniLM summary reward), 'none' (no reward: plain sampling), "
     "'judge' (an LLM judge, see --judge-model/--judge-base-url), 'module:function' (your "
-    "Python callable), or a Hugging Face reward model id or folder (sequence classifier)"
+    "Python callable; a score_partial attribute on it scores partial answers, for --early-rejection), "
+    "or a Hugging Face reward model id or folder (sequence classifier)"
 )
 
 

@@ -6,11 +6,12 @@ returns one number per response, e.g.::
     def brevity(prompts, responses):
         return [-len(r.split()) for r in responses]
 
-and is served with ``--reward-model mypackage.rewards:brevity``. A function that can also judge
-unfinished answers (for early rejection, ``bonbench.rejection``) carries that scorer, with the same
-signature, as its ``score_partial`` attribute::
+and is served with ``--reward-model mypackage.rewards:brevity``.
 
-    brevity.score_partial = lambda prompts, responses: [-len(r.split()) for r in responses]
+Early rejection scores unfinished answers too: give the callable a ``score_partial`` attribute with
+the same signature (``brevity.score_partial = partial_brevity``, or a method of a callable object)
+and the reward has ``score_partial`` (``bonbench.rewards.base.scores_partial``); without one the
+server refuses early rejection with this reward.
 """
 
 from __future__ import annotations
@@ -32,14 +33,20 @@ class FunctionReward:
                 raise UserError(f"reward {spec!r}: the module {module_name!r} has no attribute {attr!r}.")
         if not callable(fn):
             raise UserError(f"reward {spec!r}: {attr!r} is not callable (it is a {type(fn).__name__}).")
+        partial = getattr(fn, "score_partial", None)
+        if partial is not None and not callable(partial):
+            raise UserError(f"reward {spec!r}: its score_partial is not callable (it is a {type(partial).__name__}).")
         self.name = spec
         self._fn: Callable[[Sequence[Prompt], Sequence[str]], Sequence[float]] = fn
-        partial = getattr(fn, "score_partial", None)
-        if callable(partial):  # only then does the reward have score_partial (rewards.base.scores_partial)
-            self.score_partial = lambda prompts, responses: list(partial(prompts, responses))
+        if partial is not None:
+            self._partial = partial
+            self.score_partial = self._score_partial  # only then: scores_partial() reads its presence
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         return list(self._fn(prompts, responses))
+
+    def _score_partial(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        return list(self._partial(prompts, responses))
 
 
 def _import_module(module_name: str, spec: str):

@@ -29,12 +29,22 @@ class Metrics:
                                 registry=r)
         self.cancelled = Counter("bonbench_requests_cancelled",
                                  "Requests whose client went away before the answer", registry=r)
+        self.rejected_candidates = Counter("bonbench_rejected_candidates",
+                                           "Candidates stopped early by early rejection", registry=r)
+        self.rejection_tokens_saved = Counter(
+            "bonbench_rejection_tokens_saved",
+            "Tokens early rejection saved, estimated from the mean length of the candidates that ran to their end",
+            registry=r)
 
     def observe_generation(self, generation: Generation, seconds: float) -> None:
         self.prompt_tokens.inc(generation.prompt_tokens)
         self.generation_tokens.inc(generation.completion_tokens)
         self.candidates.inc(len(generation.candidates))
         self.generation_seconds.inc(seconds)
+
+    def observe_rejection(self, candidates: int, tokens_saved: float) -> None:
+        self.rejected_candidates.inc(candidates)
+        self.rejection_tokens_saved.inc(tokens_saved)
 
     def count_cancelled_work(self, work: CancelledWork) -> None:
         """Report the backend's count of work thrown away for cancelled requests (read at each scrape)."""

@@ -8,12 +8,15 @@ vLLM does; OpenAI's own API refuses them), so clients that send newer fields kee
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bonbench.rejection import EarlyRejection
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,46 @@ SelectionParams = Annotated[Optional[dict[str, Any]], Field(description="the rul
                                                                        "{\"temperature\": 0.5} for soft")]
 
 
+class EarlyRejectionPlan(_Request):
+    """Where to score the unfinished candidates and which fraction to keep (docs/math.md §9)."""
+
+    checkpoints: list[int] = Field(description="token counts at which the running candidates are scored on "
+                                               "their partial text; increasing, each >= 1")
+    keep: float = Field(description="fraction of the running candidates kept at each checkpoint, in (0, 1]")
+
+    @model_validator(mode="after")
+    def _valid(self) -> "EarlyRejectionPlan":
+        self.plan()  # EarlyRejection's own checks, with its messages
+        return self
+
+    def plan(self) -> EarlyRejection:
+        return EarlyRejection(tuple(self.checkpoints), self.keep)
+
+
+def _plan_or_off(value: Any) -> Any:
+    """Whatever is wrong with ``early_rejection``, one error at ``early_rejection`` itself (not one per
+    branch of the union)."""
+    if value is None or value is False or isinstance(value, EarlyRejectionPlan):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError('early_rejection is {"checkpoints": [...], "keep": ...}, or false to turn it off; '
+                         f"got {json.dumps(value)[:60]}")
+    try:
+        return EarlyRejectionPlan.model_validate(value)
+    except ValidationError as exc:
+        problems = [(".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
+        raise ValueError("; ".join(f"{where}: {what}" if where else what for where, what in problems)) from None
+
+
+EarlyRejectionField = Annotated[
+    Optional[Union[Literal[False], EarlyRejectionPlan]],
+    BeforeValidator(_plan_or_off),
+    Field(description="early rejection: stop the candidates whose partial answers score lowest at the "
+                      "checkpoints, and choose among those that ran to their end; false turns the server's "
+                      "--early-rejection off, null or absent keeps it"),
+]
+
+
 class ChatCompletionRequest(_Request):
     # OpenAI's fields, in the order of the openai client's create(): required ones, then A to Z.
     messages: list[ChatMessage] = Field(min_length=1)
@@ -100,6 +143,7 @@ class ChatCompletionRequest(_Request):
     return_candidates: ReturnCandidates = False
     selection: Selection = None
     selection_params: SelectionParams = None
+    early_rejection: EarlyRejectionField = None
 
     @property
     def token_budget(self) -> Optional[int]:
@@ -129,6 +173,7 @@ class CompletionRequest(_Request):
     return_candidates: ReturnCandidates = False
     selection: Selection = None
     selection_params: SelectionParams = None
+    early_rejection: EarlyRejectionField = None
 
     @property
     def token_budget(self) -> Optional[int]:
@@ -152,6 +197,11 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int  # every candidate's tokens: the cost of Best-of-N
     total_tokens: int
+    # --- Best-of-N extension: present only when early rejection ran ---
+    rejected_candidates: Optional[int] = Field(None, description="candidates stopped early by early rejection")
+    tokens_saved_estimate: Optional[float] = Field(
+        None, description="tokens the rejected candidates would have drawn, estimated from the mean length of "
+                          "those that ran to their end (docs/math.md §9)")
 
 
 class CandidateInfo(BaseModel):
@@ -162,6 +212,11 @@ class CandidateInfo(BaseModel):
     logprob: Optional[float]
     text: str
     score: Optional[float] = None  # what the selection rule ranked it by (None: no selection ran)
+    # early rejection: its score on its partial text at each checkpoint it reached running (None: no early
+    # rejection ran), and the checkpoint at which it was stopped (None: it ran to its end; then its
+    # finish_reason is "rejected" and it has no reward)
+    partial_scores: Optional[list[float]] = None
+    rejected_at: Optional[int] = None
 
 
 class BestOfNInfo(BaseModel):
@@ -173,6 +228,7 @@ class BestOfNInfo(BaseModel):
     selection_params: dict[str, Any] = Field(default_factory=dict)
     chosen: list[int]  # candidate indices of the returned choices, best first
     candidates: list[CandidateInfo]
+    early_rejection: Optional[str] = None  # the plan that ran, CHECKPOINTS:KEEP (None: none ran)
 
 
 class ChatLogprob(BaseModel):

@@ -14,9 +14,10 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from bonbench.backends.base import (Backend, Generation, Prompt, PromptTooLong, SamplingParams, UpstreamError,
-                                    check_context)
-from bonbench.rewards.base import RewardError, RewardModel, checked_scores
+from bonbench.backends.base import (Backend, Generation, PartialScorer, Prompt, PromptTooLong, SamplingParams,
+                                    UpstreamError, check_context)
+from bonbench.rejection import EarlyRejection, estimated_tokens_saved
+from bonbench.rewards.base import RewardError, RewardModel, checked_scores, scores_partial
 from bonbench.seeds import derive_seed
 from bonbench.select import Argmax, Candidates, SelectionError, SelectionRule, describe, make_rule
 from bonbench.server import protocol as P
@@ -51,16 +52,36 @@ MAX_CHARS_PER_TOKEN = 256
 SELECTION_STREAM = 1
 
 
+def early_rejection_unavailable(backend: Backend, reward: RewardModel | None) -> str | None:
+    """Why early rejection cannot run with this backend and reward (None: it can)."""
+    if reward is None:
+        return "there is no reward model (--reward-model none) to score partial answers"
+    if not scores_partial(reward):
+        return f"the reward model {reward.name!r} cannot score partial answers (it has no score_partial)"
+    if not getattr(backend, "supports_early_rejection", False):
+        return "only the transformers backend can pause its candidates to score them, and this server's backend cannot"
+    return None
+
+
+def rejection_summary(generation: Generation) -> tuple[int, float]:
+    """Candidates early rejection stopped, and the tokens they would have drawn (an estimate, docs/math.md §9)."""
+    cands = generation.candidates
+    stopped = [c.rejected_at or 0 for c in cands]
+    return sum(s > 0 for s in stopped), estimated_tokens_saved([c.num_tokens for c in cands], stopped)
+
+
 @dataclass
 class Selection:
     """One prompt's Best-of-N: every candidate in draw order, its reward, the chosen indices, and the
-    rule that chose them with each candidate's score (``rule`` None: plain samples, nothing chosen)."""
+    rule that chose them with each candidate's score (``rule`` None: plain samples, nothing chosen).
+    With early rejection (``plan``), rejected candidates have neither reward nor score."""
 
     generation: Generation
-    rewards: list[float] | None
+    rewards: list[float | None] | None
     chosen: list[int]
     rule: SelectionRule | None = None
-    scores: list[float] | None = None
+    scores: list[float | None] | None = None
+    plan: EarlyRejection | None = None
 
     def info(self, best_of: int, reward_name: str | None) -> P.BestOfNInfo:
         return P.BestOfNInfo(
@@ -78,18 +99,25 @@ class Selection:
                     logprob=c.logprob,
                     text=c.text,
                     score=None if self.scores is None else self.scores[i],
+                    partial_scores=None if self.plan is None else c.partial_scores,
+                    rejected_at=c.rejected_at,
                 )
                 for i, c in enumerate(self.generation.candidates)
             ],
+            early_rejection=None if self.plan is None else self.plan.label,
         )
 
 
 class BestOfNService:
     def __init__(self, backend: Backend, reward: RewardModel | None, model_name: str,
-                 limits: Limits = Limits(), metrics: Metrics | None = None, selection: SelectionRule = Argmax()):
+                 limits: Limits = Limits(), metrics: Metrics | None = None, selection: SelectionRule = Argmax(),
+                 early_rejection: EarlyRejection | None = None):
+        if early_rejection is not None and (why := early_rejection_unavailable(backend, reward)):
+            raise ValueError(f"early rejection cannot run: {why}")
         self.backend = backend
         self.reward = reward
         self.selection = selection  # the rule of requests that name none
+        self.early_rejection = early_rejection  # the plan of requests that do not turn it off
         self.model_name = model_name
         self.limits = limits
         self.metrics = metrics or Metrics()
@@ -148,8 +176,31 @@ class BestOfNService:
                                  param="max_tokens")
         # Chat asks with a bool; completions with an int, where logprobs=0 still wants each token's.
         logprobs = req.logprobs if isinstance(req, P.ChatCompletionRequest) else req.logprobs is not None
-        return SamplingParams(n=best_of, max_tokens=max_tokens, temperature=req.temperature,
-                              top_p=req.top_p, stop=req.stop_list, seed=req.seed, logprobs=logprobs)
+        plan = self._early_rejection(req, rule)
+        try:  # every field but early rejection's is checked by now
+            return SamplingParams(n=best_of, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                  stop=req.stop_list, seed=req.seed, logprobs=logprobs, early_rejection=plan,
+                                  keep_at_least=req.n)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="early_rejection" if plan else None) from exc
+
+    def _early_rejection(self, req: P.ChatCompletionRequest | P.CompletionRequest,
+                         rule: SelectionRule) -> EarlyRejection | None:
+        """The request's plan: its own, none (``false``), else the server's wherever that can run
+        (candidates sampled at a temperature above 0 and ranked by the reward)."""
+        asked = req.early_rejection
+        if asked is False:
+            return None
+        if asked is None:
+            default = self.early_rejection
+            return default if default is not None and rule.needs_reward and req.temperature > 0 else None
+        plan = asked.plan()  # its values were checked with the request
+        if not rule.needs_reward:
+            raise InvalidRequest(f"selection '{rule.name}' ranks no reward, and early rejection stops candidates by "
+                                 "their reward on partial answers", param="early_rejection")
+        if why := early_rejection_unavailable(self.backend, self.reward):
+            raise InvalidRequest(f"early rejection cannot run on this server: {why}", param="early_rejection")
+        return plan
 
     def _check_characters(self, prompt: Prompt) -> None:
         """Refuse, without tokenising, a prompt too long for any tokenizer to fit in the token limit."""
@@ -184,23 +235,48 @@ class BestOfNService:
 
     async def best_of_n(self, prompt: Prompt, params: SamplingParams, n: int, rule: SelectionRule,
                         index: int = 0) -> Selection:
-        """Draw ``params.n`` candidates for the ``index``-th prompt of a request and keep ``n`` by ``rule``."""
-        generation = await self._generate(prompt, params)
+        """Draw ``params.n`` candidates for the ``index``-th prompt of a request and keep ``n`` by ``rule``.
+
+        With early rejection only the candidates that ran to their end are scored and ranked
+        (docs/math.md §9); at least ``n`` of them do (``params.keep_at_least``)."""
+        plan = params.early_rejection
+        generation = await self._generate(prompt, params, self._partial_scorer(prompt) if plan else None)
+        if plan is not None:
+            self.metrics.observe_rejection(*rejection_summary(generation))
         if self.reward is None and rule.needs_reward:  # best_of == n, checked: plain samples
             return Selection(generation, None, list(range(n)))
-        rewards = await self._score(prompt, generation) if rule.needs_reward else None
+        ended = [i for i, c in enumerate(generation.candidates) if c.rejected_at is None]
+        finished = Generation(generation.prompt_tokens, [generation.candidates[i] for i in ended])
+        rewards = await self._score(prompt, finished) if rule.needs_reward else None
         seed = None if params.seed is None else derive_seed(params.seed, SELECTION_STREAM, index)
         try:
-            choice = rule.choose(_candidates(generation, rewards), n, np.random.default_rng(seed))
+            choice = rule.choose(_candidates(finished, rewards), n, np.random.default_rng(seed))
         except SelectionError as exc:
             raise InvalidRequest(str(exc), param="selection") from exc
-        return Selection(generation, rewards, [int(i) for i in choice.chosen], rule,
-                         [float(s) for s in choice.scores])
+        size = len(generation.candidates)
+        return Selection(generation, _spread(rewards, ended, size), [ended[int(i)] for i in choice.chosen], rule,
+                         _spread([float(s) for s in choice.scores], ended, size), plan)
 
-    async def _generate(self, prompt: Prompt, params: SamplingParams) -> Generation:
+    def _partial_scorer(self, prompt: Prompt) -> PartialScorer:
+        """Scores partial answers to ``prompt`` for the backend's early rejection. The backend calls it
+        from its own thread and waits; it runs on the one reward thread (reward models are not re-entrant)."""
+
+        def score(texts: list[str]) -> list[float]:
+            started = time.perf_counter()
+            future = self._reward_pool.submit(checked_scores, self.reward, [prompt] * len(texts), texts, True)
+            scores = future.result()
+            self.metrics.reward_seconds.inc(time.perf_counter() - started)
+            return scores
+
+        return score
+
+    async def _generate(self, prompt: Prompt, params: SamplingParams,
+                        score_partial: PartialScorer | None = None) -> Generation:
         started = time.perf_counter()
         try:
-            generation = await self.backend.generate(prompt, params)
+            generation = await self.backend.generate(prompt, params, score_partial)
+        except RewardError as exc:  # early rejection's scorer failed
+            raise RewardFailed(str(exc)) from exc
         except PromptTooLong as exc:
             raise InvalidRequest(str(exc), code="context_length_exceeded") from exc
         except UpstreamError as exc:
@@ -306,7 +382,7 @@ class BestOfNService:
             yield {**base, "choices": [{"index": choice.index, "delta": {},
                                         "finish_reason": choice.finish_reason}]}
         if req.stream_options and req.stream_options.include_usage:
-            yield {**base, "choices": [], "usage": response.usage.model_dump()}
+            yield {**base, "choices": [], "usage": response.usage.model_dump(exclude_none=True)}
         if response.bon is not None:
             yield {**base, "choices": [], "bon": response.bon.model_dump()}
 
@@ -321,7 +397,7 @@ class BestOfNService:
             yield {**base, "choices": [{"index": choice.index, "text": "", "logprobs": None,
                                         "finish_reason": choice.finish_reason}]}
         if req.stream_options and req.stream_options.include_usage:
-            yield {**base, "choices": [], "usage": response.usage.model_dump()}
+            yield {**base, "choices": [], "usage": response.usage.model_dump(exclude_none=True)}
 
     @property
     def _reward_name(self) -> str | None:
@@ -346,10 +422,25 @@ def _candidates(generation: Generation, rewards: list[float] | None) -> Candidat
                       self_certainty=known([c.self_certainty for c in cands]))
 
 
+def _spread(values: list[float] | None, at: list[int], size: int) -> list[float | None] | None:
+    """``values`` of the candidates ``at`` put back among ``size`` candidates, None for the others."""
+    if values is None:
+        return None
+    out: list[float | None] = [None] * size
+    for i, v in zip(at, values):
+        out[i] = v
+    return out
+
+
 def _usage(selections: list[Selection]) -> P.Usage:
     prompt = sum(s.generation.prompt_tokens for s in selections)
     completion = sum(s.generation.completion_tokens for s in selections)
-    return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    usage = P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    ran = [rejection_summary(s.generation) for s in selections if s.plan is not None]
+    if ran:
+        usage.rejected_candidates = sum(k for k, _ in ran)
+        usage.tokens_saved_estimate = sum(t for _, t in ran)
+    return usage
 
 
 def _pieces(text: str, size: int = 16) -> list[str]:

@@ -77,3 +77,12 @@ def test_log_level_debug_keeps_the_traceback(tmp_path, tiny_model_path):
 def test_an_unknown_log_level_is_one_sentence(tmp_path):
     message = one_sentence(bonbench(tmp_path, "serve", "--log-level", "verbose"))
     assert message == "--log-level must be one of debug, info, warning, error, got 'verbose'."
+
+
+def test_early_rejection_with_a_reward_that_cannot_score_partial_answers_says_so(tmp_path, tiny_model_path):
+    spec = "tests.bonbench.rewards.test_function:brevity"  # a function reward without score_partial
+    message = one_sentence(bonbench(tmp_path, "serve", "--model", tiny_model_path, "--reward-model", spec,
+                                    "--early-rejection", "4:0.5"))
+    assert message == (f"--early-rejection cannot run: the reward model '{spec}' cannot score partial answers "
+                       "(it has no score_partial).")
+

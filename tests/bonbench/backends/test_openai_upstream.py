@@ -98,3 +98,15 @@ def test_unreachable_upstream_raises_upstream_error_without_status():
 def test_upstream_backend_leaves_prompt_checks_to_the_upstream():
     backend = OpenAIUpstreamBackend("http://127.0.0.1:9/v1", "m")
     assert backend.count_prompt_tokens("anything") is None and backend.max_context is None
+
+
+def test_early_rejection_is_refused_before_anything_is_sent():
+    from bonbench.rejection import EarlyRejection
+
+    async def scenario(backend):
+        assert not getattr(backend, "supports_early_rejection", False)
+        params = SamplingParams(n=4, early_rejection=EarlyRejection((4,), 0.5))
+        with pytest.raises(ValueError, match="cannot run early rejection"):
+            await backend.generate("Hello", params, score_partial=lambda texts: [0.0] * len(texts))
+
+    run(f"http://127.0.0.1:{free_port()}/v1", scenario)  # nobody listens there: nothing may be sent

@@ -52,6 +52,33 @@ def not_numbers(prompts, responses):
 NOT_CALLABLE = 3
 
 
+def words(prompts, responses):
+    return [float(len(r.split())) for r in responses]
+
+
+words.score_partial = lambda prompts, responses: [-float(len(r)) for r in responses]
+
+
+def bad_partial(prompts, responses):
+    return [0.0] * len(responses)
+
+
+bad_partial.score_partial = "not a function"
+
+
+class Rubric:
+    """A callable object with a partial scorer of its own."""
+
+    def __call__(self, prompts, responses):
+        return [1.0] * len(responses)
+
+    def score_partial(self, prompts, responses):
+        return [0.5] * len(responses)
+
+
+RUBRIC = Rubric()
+
+
 def test_function_reward_scores_a_whole_batch_in_one_call():
     calls.clear()
     reward = FunctionReward(SPEC)
@@ -115,3 +142,18 @@ def test_a_function_with_a_score_partial_attribute_scores_partial_answers_and_ot
     assert checked_scores(reward, ["p", "p"], ["ab", "abc"], partial=True) == [-2.0, -3.0]
     assert checked_scores(reward, ["p", "p"], ["ab", "abc"]) == [2.0, 3.0]
     assert not scores_partial(FunctionReward(SPEC))
+
+
+def test_a_callable_with_a_score_partial_attribute_scores_partial_answers_and_one_without_does_not():
+    reward = FunctionReward(f"{__name__}:words")
+    assert scores_partial(reward)
+    assert checked_scores(reward, ["p", "p"], ["one two", "three"]) == [2.0, 1.0]
+    assert checked_scores(reward, ["p", "p"], ["one two", "three"], partial=True) == [-7.0, -5.0]
+    rubric = FunctionReward(f"{__name__}:RUBRIC")
+    assert scores_partial(rubric) and checked_scores(rubric, ["p"], ["x"], partial=True) == [0.5]
+    assert not scores_partial(FunctionReward(SPEC))
+
+
+def test_a_score_partial_that_is_not_callable_is_a_user_error():
+    with pytest.raises(UserError, match="score_partial is not callable"):
+        FunctionReward(f"{__name__}:bad_partial")

@@ -10,7 +10,7 @@ import pytest
 
 from bonbench.server.protocol import ChatCompletionRequest, CompletionRequest
 
-BEST_OF_N_EXTRAS = ["best_of", "return_candidates", "selection", "selection_params"]
+BEST_OF_N_EXTRAS = ["best_of", "return_candidates", "selection", "selection_params", "early_rejection"]
 
 
 @pytest.mark.parametrize("model, create", [
