@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from bonbench.backends.base import Candidate
+from bonbench.backends import kv
+from bonbench.backends.base import Candidate, check_context
 from bonbench.backends.engine import Engine
 from bonbench.backends.rows import BASE, SampleRequest
 
@@ -39,13 +40,17 @@ def sample(
     """Sample ``params.n`` candidates for every request; returns them per request, in draw order.
 
     A request whose ``is_cancelled()`` turns true stops generating; its rows end with
-    ``finish_reason == "cancelled"``.
+    ``finish_reason == "cancelled"``. Raises ``PromptTooLong`` for a request longer than the engine
+    serves for this model (``kv.engine_context``).
     """
     if not requests:
         return []
     mixed = any(r.adapter is not None or r.score_with for r in requests)
     if mixed and any(r.adapter is None for r in requests):
         raise ValueError("in a batch that names adapters, every request must name one (BASE for none)")
+    context = kv.engine_context(model)
+    for request in requests:
+        check_context(len(request.prompt_ids), request.params.max_tokens, context.tokens, context.hint)
     engine = Engine(model, tokenizer, eos_token_ids, adapters=mixed, keep_tokens=keep_tokens)
     results: list[list[Candidate] | None] = [None] * len(requests)
     for i, request in enumerate(requests):

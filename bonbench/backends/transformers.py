@@ -14,6 +14,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
+from bonbench.backends import kv
 from bonbench.backends.base import CancelledWork, Generation, Prompt, SamplingParams, check_context, is_chat
 from bonbench.backends.engine import Engine
 from bonbench.backends.rows import SampleRequest
@@ -110,6 +111,7 @@ class TransformersBackend:
         self.max_batch_rows = max_batch_rows
         self.max_batch_tokens = max_batch_tokens
         self._eos = eos_ids(model, tokenizer)
+        self._context = kv.engine_context(model)
         self._engine = self._new_engine()
         self.cancelled_work = CancelledWork()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -123,7 +125,8 @@ class TransformersBackend:
 
     @property
     def max_context(self) -> int | None:
-        return getattr(self.model.config, "max_position_embeddings", None)
+        """The model's context, or its sliding window where that is shorter (``kv.engine_context``)."""
+        return self._context.tokens
 
     @property
     def running_rows(self) -> int:
@@ -135,7 +138,7 @@ class TransformersBackend:
 
     async def generate(self, prompt: Prompt, params: SamplingParams) -> Generation:
         ids = encode_prompt(self.tokenizer, prompt)
-        check_context(len(ids), params.max_tokens, self.max_context)
+        check_context(len(ids), params.max_tokens, self.max_context, self._context.hint)
         loop = asyncio.get_running_loop()
         job = _Job(SampleRequest(ids, params), loop.create_future(), loop, len(ids))
         job.request.is_cancelled = job.cancelled.is_set

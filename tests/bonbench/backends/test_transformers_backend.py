@@ -118,3 +118,21 @@ def test_an_empty_prompt_fails_its_own_request_and_the_worker_serves_on(backend)
     with pytest.raises(ValueError, match="no tokens"):
         asyncio.run(backend.generate("", SamplingParams(max_tokens=2)))
     assert asyncio.run(backend.generate("next", SamplingParams(max_tokens=2))).candidates[0].num_tokens == 2
+
+
+def test_a_sliding_window_models_context_is_its_window(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    from tests.sliding_models import SUPPORTED, WINDOW, sliding_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    backend = TransformersBackend(sliding_model(SUPPORTED[0], tokenizer), tokenizer, "sliding")
+    try:
+        assert backend.max_context == WINDOW < backend.model.config.max_position_embeddings
+        prompt = "word " * 10
+        fits = WINDOW - backend.count_prompt_tokens(prompt)
+        with pytest.raises(PromptTooLong, match=f"sliding window of {WINDOW} tokens"):
+            asyncio.run(backend.generate(prompt, SamplingParams(max_tokens=fits + 1)))
+        assert asyncio.run(backend.generate(prompt, SamplingParams(max_tokens=fits))).candidates
+    finally:
+        asyncio.run(backend.close())
