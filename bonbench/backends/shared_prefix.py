@@ -6,7 +6,7 @@ on the default model, and memory-bound. Here the batch keeps
 
   - per group (one prompt under one adapter): the prompt's keys and values once,
     ``(groups, kv_heads, P, head_dim)``, left-padded to the longest prompt, ``prefix_mask (groups, P)``;
-  - per row: the tokens it generated, in ``BufferLayer``s (what ``past_key_values.update`` sees),
+  - per row: the tokens it generated, in ``BufferLayer``s (what ``cache.update`` sees),
     left-padded, ``suffix_mask (rows, S)``,
 
 and ``shared_prefix_attention`` computes each row's attention over both parts and merges them by
