@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from bonbench.backends.base import SamplingParams  # noqa: E402
 from bonbench.backends.sampling import SampleRequest, sample  # noqa: E402
 from bonbench.backends.transformers import encode_prompt, eos_ids, load_causal_lm  # noqa: E402
+from bonbench.cli import run_command  # noqa: E402
 from bonbench.config import option, parse_config  # noqa: E402
 from bonbench.logprobs import sequence_logprobs  # noqa: E402
 from bonbench.models import resolve_policy  # noqa: E402
@@ -111,4 +112,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

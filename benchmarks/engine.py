@@ -47,6 +47,7 @@ from bonbench.backends.base import SamplingParams  # noqa: E402
 from bonbench.backends.engine import Engine  # noqa: E402
 from bonbench.backends.sampling import SampleRequest, sample  # noqa: E402
 from bonbench.backends.transformers import encode_prompt, eos_ids, load_causal_lm  # noqa: E402
+from bonbench.cli import run_command  # noqa: E402
 from bonbench.config import option, parse_config  # noqa: E402
 from bonbench.models import pick_dtype, resolve_policy  # noqa: E402
 from bonbench.seeds import derive_seed  # noqa: E402
@@ -437,4 +438,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -34,6 +34,7 @@ from typing import Iterator
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bonbench.cli import run_command  # noqa: E402
 from bonbench.config import option, parse_config  # noqa: E402
 from bonbench.seeds import derive_seed  # noqa: E402
 from bonbench.server.launch import ServerProcess, launch_server  # noqa: E402
@@ -202,4 +203,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

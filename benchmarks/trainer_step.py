@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 import bonbench  # noqa: E402, F401  (before torch: it sets OMP_WAIT_POLICY, without which a shared CPU crawls)
 import torch  # noqa: E402
 
+from bonbench.cli import run_command  # noqa: E402
 from bonbench.config import option, parse_config  # noqa: E402
 
 PARTS = ("trl", "trl-nogc", "rloo", "sampler", "jbond-fp32", "jbond-bf16")
@@ -345,4 +346,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

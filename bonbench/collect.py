@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from bonbench.cli import log_level_option
@@ -185,11 +184,12 @@ def load_policy(models: Models, model: str, policy: str, *, dtype: str = "auto",
 
 def _encode(tokenizer, prompt, max_tokens: int, model) -> list[int]:
     from bonbench.backends.base import check_context
+    from bonbench.backends.kv import engine_context
     from bonbench.backends.transformers import encode_prompt
 
     ids = encode_prompt(tokenizer, prompt)
-    check_context(len(ids), max_tokens, getattr(model.config, "max_position_embeddings", None),
-                  hint="lower --max-tokens")
+    context = engine_context(model)
+    check_context(len(ids), max_tokens, context.tokens, "; ".join(filter(None, ["lower --max-tokens", context.hint])))
     return ids
 
 

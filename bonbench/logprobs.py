@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from bonbench.backends.base import Prompt
-from bonbench.backends.prefill import prefill
+from bonbench.backends.prefill import forward_with_adapters, prefill
 
 __all__ = ["sequence_logprobs", "answer_logprobs"]
 
@@ -57,9 +57,9 @@ def _batch_logprobs(model, prompts: list[list[int]], answers: list[list[int]], o
     lengths = p_mask.sum(-1, keepdim=True)[index]
     mask = torch.cat([p_mask[index], a_mask], dim=-1)
     if a_ids.shape[1] > 1:  # the last answer token predicts nothing that is scored
-        rest = model(input_ids=a_ids[:, :-1], attention_mask=mask[:, :-1],
-                     position_ids=lengths + torch.arange(a_ids.shape[1] - 1, device=device),
-                     past_key_values=cache, use_cache=True).logits
+        rest = forward_with_adapters(model, None, cache=cache, input_ids=a_ids[:, :-1], attention_mask=mask[:, :-1],
+                                     position_ids=lengths + torch.arange(a_ids.shape[1] - 1, device=device),
+                                     use_cache=True).logits
         logits = torch.cat([first, rest], dim=1)
     else:
         logits = first

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from bonbench.backends import kv
-from bonbench.backends.base import Candidate
+from bonbench.backends.base import Candidate, check_context
 from bonbench.backends.prefill import forward_with_adapters
 from bonbench.backends.rows import (Row, SampleRequest, candidates, cut_at_stop, draw, process_logits, request_rows,
                                     uniform_kl)
@@ -85,7 +85,7 @@ class Engine:
         if max_rows is not None and max_step_tokens is not None and max_step_tokens <= max_rows:
             raise ValueError(f"max_step_tokens ({max_step_tokens}) must exceed max_rows ({max_rows}): each step "
                              f"decodes one token per row and prefills prompts with what is left")
-        kv.check_full_attention(model)
+        self.context = kv.engine_context(model)  # refuses a model whose attention the engine cannot compute
         self.model = model
         self.tokenizer = tokenizer
         self.eos = set(eos_token_ids)
@@ -105,9 +105,11 @@ class Engine:
 
     def add(self, request: SampleRequest, on_done: Callable[[list[Candidate]], None],
             on_error: Callable[[BaseException], None] | None = None) -> None:
-        """Queue ``request``; ``on_done(candidates)`` is called from ``step()`` when it is finished."""
+        """Queue ``request``; ``on_done(candidates)`` is called from ``step()`` when it is finished.
+        Raises ``PromptTooLong`` for a request longer than the engine serves for this model."""
         if not request.prompt_ids:
             raise ValueError("the prompt has no tokens")
+        check_context(len(request.prompt_ids), request.params.max_tokens, self.context.tokens, self.context.hint)
         if self.adapters and request.adapter is None:
             raise ValueError("in a batch that names adapters, every request must name one (BASE for none)")
         if not self.adapters and (request.adapter is not None or request.score_with):
@@ -195,7 +197,7 @@ class Engine:
             ids = torch.tensor([p.prompt[p.done : end]] * len(p.adapters), device=self.device)
             positions = torch.arange(p.done, end, device=self.device).expand(len(p.adapters), -1)
             out = forward_with_adapters(self.model, p.adapters if self.adapters else None, input_ids=ids,
-                                        position_ids=positions, past_key_values=p.cache, use_cache=True,
+                                        position_ids=positions, cache=p.cache, use_cache=True,
                                         logits_to_keep=1)
             budget -= end - p.done
             p.done = end
@@ -251,7 +253,7 @@ class Engine:
             out = forward_with_adapters(
                 self.model, [row.adapter for row in self._rows] if self.adapters else None,
                 input_ids=tokens[:, None].to(self.device), attention_mask=mask, position_ids=positions,
-                past_key_values=self._cache, use_cache=True, shared_prefix=self._cache)
+                cache=self._cache, use_cache=True, shared_prefix=self._cache)
         self._logits = out.logits[:, -1, :].float()
 
     def _advance(self, row: Row, token: int, logprob: float) -> bool:

@@ -12,6 +12,8 @@ happens at a small fraction of the steps. Prompts being prefilled use it too, ch
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -73,14 +75,59 @@ def new_cache() -> Cache:
     return Cache(layer_class_to_replicate=BufferLayer)
 
 
-def check_full_attention(model) -> None:
-    """Raise unless every layer of ``model`` is plain full attention (what ``BufferLayer`` stores)."""
-    from transformers.cache_utils import DynamicCache
+class EngineContext(NamedTuple):
+    """How long a sequence (prompt plus ``max_tokens``) the engine serves for a model, and why."""
 
-    kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
-    if kinds - {"DynamicLayer"}:
-        raise NotImplementedError(f"the in-process engine serves full-attention models only; this one has "
-                                  f"{sorted(kinds)} cache layers (use --backend vllm)")
+    tokens: int | None  # None: the model does not say
+    hint: str  # what a refusal adds ("" when the limit is the model's own context)
+
+
+def attention_window(model) -> int | None:
+    """The fewest tokens a layer of ``model`` attends to (its smallest sliding window or attention
+    chunk), or ``None`` when every layer attends to the whole sequence.
+
+    The engine computes full causal attention (``bonbench.backends.shared_prefix``). A layer that
+    attends to the last W tokens (or within chunks of W) computes exactly that on any sequence of at
+    most W tokens, so the engine serves such a model up to W (``engine_context``). Raises
+    ``NotImplementedError`` for a model whose attention it cannot compute at any length.
+    """
+    from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
+
+    config = model.config.get_text_config(decoder=True)
+    why = None
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        why = "its attention caps its logits (attn_logit_softcapping)"
+    elif getattr(config, "use_bidirectional_attention", False):
+        why = "its attention is bidirectional"
+    elif any(isinstance(getattr(module, "sinks", None), torch.Tensor) for module in model.modules()):
+        why = "its attention has sinks"
+    layers = DynamicCache(config=model.config).layers
+    kinds = {type(layer).__name__ for layer in layers} - {"DynamicLayer", "DynamicSlidingWindowLayer"}
+    if kinds:
+        why = f"it has {', '.join(sorted(kinds))} cache layers"
+    if why is not None:
+        raise NotImplementedError(f"the in-process engine computes causal attention over every token, plain or "
+                                  f"within a sliding window; this model cannot be served by it: {why} "
+                                  f"(use --backend vllm)")
+    return min((layer.sliding_window for layer in layers if isinstance(layer, DynamicSlidingWindowLayer)),
+               default=None)
+
+
+def check_full_attention(model) -> None:
+    """Raise unless the engine's attention is ``model``'s on the sequences ``engine_context`` admits."""
+    attention_window(model)
+
+
+def engine_context(model) -> EngineContext:
+    """The longest prompt plus ``max_tokens`` the engine serves for ``model``: its context, or its
+    smallest attention window where that is shorter (beyond it the engine's answers would be wrong)."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    window = attention_window(model)
+    if window is None or (context is not None and context <= window):
+        return EngineContext(context, "")
+    return EngineContext(window, f"this model attends within a sliding window of {window} tokens, and the "
+                                 f"in-process engine serves only sequences that fit in it (use --backend vllm "
+                                 f"for longer ones)")
 
 
 def lead_padding(mask: torch.Tensor) -> int:

@@ -14,6 +14,8 @@ any other (sliding windows, quantised caches) the batch falls back to one padded
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -28,9 +30,35 @@ class Prefilled:
     mask: torch.Tensor  # (S, W) attention mask, 1 on real tokens
 
 
-def forward_with_adapters(model, adapters: list[str] | None, **kw):
-    """``model(**kw)``, with PEFT's per-row ``adapter_names`` when ``adapters`` is given."""
+def forward_with_adapters(model, adapters: list[str] | None, cache=None, **kw):
+    """``model(**kw)``, with PEFT's per-row ``adapter_names`` when ``adapters`` is given and the KV
+    ``cache`` under the keyword the model's forward takes (``cache_keyword``)."""
+    if cache is not None:
+        kw[cache_keyword(model)] = cache
     return model(**kw, adapter_names=adapters) if adapters is not None else model(**kw)
+
+
+def cache_keyword(model) -> str:
+    """The keyword ``model``'s forward takes its KV cache by: ``cache`` from transformers 5.24 on,
+    ``past_key_values`` before it (and in a model not yet renamed). A PEFT or DDP wrapper passes the
+    keywords on, so the model it wraps is the one asked."""
+    inner = model
+    while True:
+        unwrapped = inner.get_base_model() if hasattr(inner, "get_base_model") else getattr(inner, "module", None)
+        if not isinstance(unwrapped, torch.nn.Module) or unwrapped is inner:
+            break
+        inner = unwrapped
+    return _cache_keyword_of(type(inner))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    """The KV cache a forward pass returned: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 def _padded(model, prompts: Sequence[Sequence[int]], adapters: list[str] | None, pad_id: int, device) -> Prefilled:
@@ -42,8 +70,8 @@ def _padded(model, prompts: Sequence[Sequence[int]], adapters: list[str] | None,
         mask[i, width - len(p) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     out = forward_with_adapters(model, adapters, input_ids=ids, attention_mask=mask,
-                   position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True, logits_to_keep=1)
-    return Prefilled(out.logits[:, -1, :], out.past_key_values, mask)
+                                position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True, logits_to_keep=1)
+    return Prefilled(out.logits[:, -1, :], _returned_cache(out), mask)
 
 
 def prefill(model, prompts: Sequence[Sequence[int]], pad_id: int, adapters: Sequence[str] | None = None) -> Prefilled:
@@ -64,9 +92,10 @@ def prefill(model, prompts: Sequence[Sequence[int]], pad_id: int, adapters: Sequ
         ids = torch.tensor([list(prompt)] * len(members), dtype=torch.long, device=device)
         out = forward_with_adapters(model, [adapters[s] for s in members] if adapters is not None else None,
                                     input_ids=ids, use_cache=True, logits_to_keep=1)
-        if any(type(layer) is not DynamicLayer for layer in getattr(out.past_key_values, "layers", [None])):
+        cache = _returned_cache(out)
+        if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
             return _padded(model, prompts, adapters, pad_id, device)
-        caches.append((width - len(prompt), out.past_key_values))
+        caches.append((width - len(prompt), cache))
         logits.append(out.logits[:, -1, :])
         rows.extend(members)
     order = torch.argsort(torch.tensor(rows, device=device))  # back to input order

@@ -39,7 +39,8 @@ def sample(
     """Sample ``params.n`` candidates for every request; returns them per request, in draw order.
 
     A request whose ``is_cancelled()`` turns true stops generating; its rows end with
-    ``finish_reason == "cancelled"``.
+    ``finish_reason == "cancelled"``. Raises ``PromptTooLong`` for a request longer than the engine
+    serves for this model (``kv.engine_context``).
     """
     if not requests:
         return []

@@ -12,11 +12,15 @@ It runs early rejection (``SamplingParams.early_rejection``): the engine calls t
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import queue
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from bonbench.backends import kv
 from bonbench.backends.base import (CancelledWork, Generation, PartialScorer, Prompt, SamplingParams, check_context,
                                     is_chat)
 from bonbench.backends.engine import Engine
@@ -56,7 +60,6 @@ def load_causal_lm(path: str, dtype: str = "auto", device: str = "cpu", adapter_
     compares with), else the one the adapter names. ``for_serving`` lets ``dtype="auto"`` pick
     bfloat16 on a CPU that computes it natively (``bonbench.models.pick_dtype``).
     """
-    import json
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -102,6 +105,40 @@ def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+class CountedPrompts:
+    """Token ids of prompts counted and not yet generated from.
+
+    The server counts a prompt's tokens (``count_prompt_tokens``, to refuse one that does not fit)
+    and then generates from it: ``generate`` takes the ids counted instead of encoding the prompt a
+    second time. Prompts are keyed by a digest of their JSON form; past ``size`` entries the oldest
+    go (prompts counted for requests that were then refused, or counted twice and generated once).
+    Counting and generating run on different threads.
+    """
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._ids: OrderedDict[bytes, tuple[int, ...]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, prompt: Prompt, ids: list[int]) -> None:
+        key = self._key(prompt)
+        with self._lock:
+            self._ids[key] = tuple(ids)
+            self._ids.move_to_end(key)
+            while len(self._ids) > self.size:
+                self._ids.popitem(last=False)
+
+    def take(self, prompt: Prompt) -> list[int] | None:
+        """The ids counted for ``prompt`` (forgotten now), or ``None`` if it was not counted."""
+        with self._lock:
+            ids = self._ids.pop(self._key(prompt), None)
+        return None if ids is None else list(ids)
+
+    @staticmethod
+    def _key(prompt: Prompt) -> bytes:
+        return hashlib.sha256(json.dumps(prompt, ensure_ascii=False, sort_keys=True).encode()).digest()
+
+
 class TransformersBackend:
     """Samples in-process; one worker thread owns the model."""
 
@@ -116,6 +153,8 @@ class TransformersBackend:
         self.max_batch_rows = max_batch_rows
         self.max_batch_tokens = max_batch_tokens
         self._eos = eos_ids(model, tokenizer)
+        self._context = kv.engine_context(model)
+        self._counted = CountedPrompts()
         self._engine = self._new_engine()
         self.cancelled_work = CancelledWork()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -129,7 +168,8 @@ class TransformersBackend:
 
     @property
     def max_context(self) -> int | None:
-        return getattr(self.model.config, "max_position_embeddings", None)
+        """The model's context, or its sliding window where that is shorter (``kv.engine_context``)."""
+        return self._context.tokens
 
     @property
     def running_rows(self) -> int:
@@ -137,13 +177,17 @@ class TransformersBackend:
         return self._engine.running_rows
 
     def count_prompt_tokens(self, prompt: Prompt) -> int:
-        return len(encode_prompt(self.tokenizer, prompt))
+        ids = encode_prompt(self.tokenizer, prompt)
+        self._counted.put(prompt, ids)
+        return len(ids)
 
     async def generate(self, prompt: Prompt, params: SamplingParams,
                        score_partial: PartialScorer | None = None) -> Generation:
         """``score_partial`` (with ``params.early_rejection``) is called from the worker thread."""
-        ids = encode_prompt(self.tokenizer, prompt)
-        check_context(len(ids), params.max_tokens, self.max_context)
+        ids = self._counted.take(prompt)
+        if ids is None:
+            ids = encode_prompt(self.tokenizer, prompt)
+        check_context(len(ids), params.max_tokens, self.max_context, self._context.hint)
         loop = asyncio.get_running_loop()
         job = _Job(SampleRequest(ids, params, score_partial=score_partial), loop.create_future(), loop, len(ids))
         job.request.is_cancelled = job.cancelled.is_set

@@ -12,10 +12,15 @@ import pytest
 from bonbench.server.launch import REPO, child_env
 
 
-def bonbench(tmp_path, *args: str) -> subprocess.CompletedProcess:
+def run_module(tmp_path, module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS``, offline, with an empty Hugging Face cache."""
     env = child_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
-    return subprocess.run([sys.executable, "-m", "bonbench", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
+
+
+def bonbench(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return run_module(tmp_path, "bonbench", *args)
 
 
 def one_sentence(result: subprocess.CompletedProcess) -> str:
@@ -86,3 +91,56 @@ def test_early_rejection_with_a_reward_that_cannot_score_partial_answers_says_so
     assert message == (f"--early-rejection cannot run: the reward model '{spec}' cannot score partial answers "
                        "(it has no score_partial).")
 
+
+# -- --config files: every command reads them through bonbench.config.parse_config ------------------
+
+COMMANDS = [("bonbench", "serve"), ("bonbench", "measure"), ("distill.jbond",), ("distill.bond",),
+            ("distill.rloo",), ("distill.bonbon",), ("evals.xsum",), ("evals.judge",), ("evals.benchmarks",),
+            ("evals.report",)]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_a_missing_config_file_is_one_sentence_for_every_command(tmp_path, command):
+    missing = tmp_path / "missing.yaml"
+    message = one_sentence(run_module(tmp_path, *command, "--config", str(missing)))
+    assert message == f"the config file {missing} does not exist."
+
+
+SERVE, XSUM, BENCHMARKS = ("bonbench", "serve"), ("evals.xsum",), ("evals.benchmarks",)
+BAD_CONFIGS = [  # (case, command, file content, what the sentence says after the path)
+    ("a folder", SERVE, None, "is a folder, not a YAML file"),
+    ("not text", SERVE, b"\xff\xfe\x00", "is not text: invalid start byte at byte 0"),
+    ("malformed", SERVE, b"n: [4, 8\nport: 1\n", "is not valid YAML: "),
+    ("a list", SERVE, b"- n: 4\n", "holds a list, not a mapping of option names to values"),
+    ("unknown options", SERVE, b"max-best-of: 4\ncolour: red\n",
+     "has option(s) that ServeConfig does not have: max-best-of (did you mean max_best_of?), colour"),
+    ("a word for an integer", SERVE, b"max_best_of: four\n",
+     "gives max_best_of the value 'four', which is not an integer"),
+    ("a word for a number", SERVE, b"max_body_mb: big\n", "gives max_body_mb the value 'big', which is not a number"),
+    ("a number for a list", XSUM, b"ns: 4\n", "gives ns the value 4, which is not a list of integers"),
+    ("an integer for a boolean", BENCHMARKS, b"reference: 1\n", "gives reference the value 1, which is not true or "
+                                                                  "false"),
+]
+
+
+@pytest.mark.parametrize("command, content, words", [case[1:] for case in BAD_CONFIGS],
+                         ids=[case[0] for case in BAD_CONFIGS])
+def test_a_config_file_that_cannot_be_used_is_one_sentence_that_says_why(tmp_path, command, content, words):
+    path = tmp_path / "bad.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    message = one_sentence(run_module(tmp_path, *command, "--config", str(path)))
+    assert message.startswith(f"the config file {path} {words}")
+
+
+def test_a_config_file_sets_options_with_numbers_as_yaml_writes_them(tmp_path):
+    from bonbench.config import load_yaml
+    from bonbench.serve import ServeConfig
+
+    path = tmp_path / "good.yaml"
+    path.write_text("gpu_memory_utilization: 5e-1\nmax_body_mb: 2\nn: 3\n")  # YAML reads 5e-1 as text
+    options = load_yaml(ServeConfig, path)
+    assert options == {"gpu_memory_utilization": 0.5, "max_body_mb": 2.0, "n": 3}
+    assert isinstance(options["max_body_mb"], float)

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from bonbench.backends.base import SamplingParams
+from bonbench.backends.base import PromptTooLong, SamplingParams
 from bonbench.backends.engine import Engine
 from bonbench.backends.sampling import SampleRequest, sample
 from bonbench.backends.transformers import eos_ids, load_causal_lm
+from tests.sliding_models import REFUSED, SUPPORTED, WINDOW, sliding_model
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +145,60 @@ def test_a_request_cancelled_before_it_starts_never_takes_a_row(lm):
 def test_budgets_that_leave_no_room_for_prefill_are_refused(lm):
     with pytest.raises(ValueError, match="must exceed max_rows"):
         Engine(lm[0], lm[1], lm[2], max_rows=64, max_step_tokens=64)
+
+
+# -- sliding-window models: served exactly, up to their window -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+@pytest.mark.parametrize("kind", SUPPORTED)
+def test_a_sliding_window_model_decodes_what_generate_decodes_within_its_window(tokenizer, kind):
+    import torch
+
+    model = sliding_model(kind, tokenizer)
+    eos = eos_ids(model, tokenizer)
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"]
+               for text in ("The quick brown fox jumps over the lazy dog", "Once upon a time")]
+    requests = [SampleRequest(ids, SamplingParams(n=2, max_tokens=WINDOW - len(ids), temperature=0))
+                for ids in prompts]  # each fills the window exactly
+    drawn = sample(model, tokenizer, requests, eos)
+    for ids, candidates in zip(prompts, drawn):
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=WINDOW - len(ids), eos_token_id=eos,
+                                 pad_token_id=tokenizer.pad_token_id)
+        expected = out[0, len(ids):].tolist()
+        assert [c.token_ids for c in candidates] == [expected, expected]
+
+
+@pytest.mark.parametrize("kind", SUPPORTED)
+def test_a_request_longer_than_the_window_is_refused_before_it_runs(tokenizer, kind):
+    model = sliding_model(kind, tokenizer)
+    ids = tokenizer("The quick brown fox", add_special_tokens=False)["input_ids"]
+    request = SampleRequest(ids, SamplingParams(max_tokens=WINDOW - len(ids) + 1, temperature=0))
+    with pytest.raises(PromptTooLong, match=f"context of {WINDOW} tokens; this model attends within a sliding "
+                                            f"window of {WINDOW} tokens"):
+        sample(model, tokenizer, [request], eos_ids(model, tokenizer))
+
+
+def test_the_engine_stops_a_row_that_outgrows_the_window_it_was_given_directly(tokenizer):
+    model = sliding_model(SUPPORTED[0], tokenizer)
+    ids = tokenizer("The quick brown fox", add_special_tokens=False)["input_ids"]
+    engine = Recorder(Engine(model, tokenizer, [-1], max_rows=4, max_step_tokens=64))
+    engine.add("long", SampleRequest(ids, SamplingParams(max_tokens=WINDOW, temperature=0)))
+    with pytest.raises(PromptTooLong, match=f"reached {WINDOW + 1} tokens, more than this model's sliding window"):
+        engine.run()
+    assert engine.steps == WINDOW - len(ids) + 1  # the step that would have fed token WINDOW + 1
+
+
+@pytest.mark.parametrize("kind, why", zip(REFUSED, ["its attention caps its logits", "its attention has sinks"]))
+def test_a_model_whose_attention_the_engine_cannot_compute_is_refused_saying_why(tokenizer, kind, why):
+    model = sliding_model(kind, tokenizer)
+    with pytest.raises(NotImplementedError, match=f"cannot be served by it: {why}"):
+        Engine(model, tokenizer, eos_ids(model, tokenizer))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from bonbench.backends.prefill import _padded, prefill
+from bonbench.backends.prefill import _padded, cache_keyword, forward_with_adapters, prefill
 from bonbench.backends.transformers import load_causal_lm
 
 
@@ -13,9 +15,8 @@ def _decode_two(model, done, tokens):
     mask, cache, out = done.mask, done.cache, []
     for t in tokens:
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-        step = model(input_ids=t[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-                     past_key_values=cache, use_cache=True)
-        cache = step.past_key_values
+        step = forward_with_adapters(model, None, cache=cache, input_ids=t[:, None], attention_mask=mask,
+                                     position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True)
         out.append(step.logits[:, -1].float())
     return torch.stack(out, 1)
 
@@ -37,3 +38,31 @@ def test_unpadded_prefill_continues_exactly_like_a_padded_one(tiny_model_path):
     for row, p in enumerate(prompts):
         alone = model(input_ids=torch.tensor([p])).logits[0, -1].float()
         torch.testing.assert_close(merged.logits[row].float(), alone, atol=1e-4, rtol=0)
+
+
+class _OlderModel(torch.nn.Module):
+    """A forward as transformers wrote it before 5.24, which would ignore a ``cache=`` keyword."""
+
+    def forward(self, input_ids, past_key_values=None, **kwargs):
+        return past_key_values
+
+
+@torch.inference_mode()
+def test_the_kv_cache_goes_under_the_keyword_the_wrapped_model_takes(tiny_model_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = load_causal_lm(tiny_model_path)
+    takes = [name for name in ("cache", "past_key_values") if name in inspect.signature(model.forward).parameters]
+    assert cache_keyword(model) == takes[0]
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert cache_keyword(wrapped) == takes[0]  # not PEFT's own forward, which takes **kwargs
+    older = _OlderModel()
+    assert cache_keyword(older) == "past_key_values"
+    assert forward_with_adapters(older, None, cache="the cache", input_ids=None) == "the cache"
+    ids = torch.tensor([[5, 6, 7]])
+    first = forward_with_adapters(wrapped, None, input_ids=ids, use_cache=True)
+    cache = first["cache"] if "cache" in first else first["past_key_values"]
+    step = forward_with_adapters(wrapped, None, cache=cache, input_ids=torch.tensor([[8]]),
+                                 position_ids=torch.tensor([[3]]), use_cache=True)
+    whole = wrapped(input_ids=torch.tensor([[5, 6, 7, 8]])).logits[:, -1]
+    torch.testing.assert_close(step.logits[:, -1], whole, atol=1e-5, rtol=0)  # the cache was used

@@ -118,3 +118,56 @@ def test_an_empty_prompt_fails_its_own_request_and_the_worker_serves_on(backend)
     with pytest.raises(ValueError, match="no tokens"):
         asyncio.run(backend.generate("", SamplingParams(max_tokens=2)))
     assert asyncio.run(backend.generate("next", SamplingParams(max_tokens=2))).candidates[0].num_tokens == 2
+
+
+def test_a_sliding_window_models_context_is_its_window(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    from tests.sliding_models import SUPPORTED, WINDOW, sliding_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    backend = TransformersBackend(sliding_model(SUPPORTED[0], tokenizer), tokenizer, "sliding")
+    try:
+        assert backend.max_context == WINDOW < backend.model.config.max_position_embeddings
+        prompt = "word " * 10
+        fits = WINDOW - backend.count_prompt_tokens(prompt)
+        with pytest.raises(PromptTooLong, match=f"sliding window of {WINDOW} tokens"):
+            asyncio.run(backend.generate(prompt, SamplingParams(max_tokens=fits + 1)))
+        assert asyncio.run(backend.generate(prompt, SamplingParams(max_tokens=fits))).candidates
+    finally:
+        asyncio.run(backend.close())
+
+
+class CountingTokenizer:
+    """The real tokenizer, counting the prompts it encodes (text or chat template)."""
+
+    def __init__(self, tokenizer):
+        self.inner, self.encoded = tokenizer, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, *args, **kwargs):
+        self.encoded += 1
+        return self.inner(*args, **kwargs)
+
+    def apply_chat_template(self, *args, **kwargs):
+        self.encoded += 1
+        return self.inner.apply_chat_template(*args, **kwargs)
+
+
+def test_a_prompt_counted_then_generated_from_is_encoded_once(backend):
+    tokenizer = CountingTokenizer(backend.tokenizer)
+    counting = TransformersBackend(backend.model, tokenizer, "tiny", max_batch_rows=4)
+    try:
+        for prompt in (CHAT, "Once upon a time"):  # as the server does: count, check, then generate
+            before = tokenizer.encoded
+            tokens = counting.count_prompt_tokens(prompt)
+            generation = asyncio.run(counting.generate(prompt, SamplingParams(max_tokens=2, seed=0)))
+            assert tokenizer.encoded - before == 1
+            assert generation.prompt_tokens == tokens == len(encode_prompt(backend.tokenizer, prompt))
+            again = asyncio.run(counting.generate(prompt, SamplingParams(max_tokens=2, seed=0)))  # not counted
+            assert tokenizer.encoded - before == 2
+            assert [c.token_ids for c in again.candidates] == [c.token_ids for c in generation.candidates]
+    finally:
+        asyncio.run(counting.close())

@@ -196,3 +196,20 @@ def test_requests_beyond_max_in_flight_get_503_and_the_rest_200(strict_server):
     while strict_server.metric("bonbench_requests_in_flight") and time.monotonic() < deadline:
         time.sleep(0.1)
     good_chat(strict_server)
+
+
+def test_a_sliding_window_model_is_served_up_to_its_window_and_refuses_beyond_it(tmp_path, tiny_tokenizer,
+                                                                                 server_logs):
+    from tests.sliding_models import WINDOW, save_sliding_model
+
+    folder = save_sliding_model(tmp_path / "sliding", tiny_tokenizer)
+    args = ["--model", str(folder), "--served-model-name", "sliding", "--reward-model", "none", "--n", "1"]
+    prompt = "The committee met again to discuss the budget."
+    fits = WINDOW - len(tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    with start_server(args, server_logs, model="sliding") as server:
+        with pytest.raises(openai.BadRequestError) as info:
+            server.client().completions.create(model="sliding", prompt=prompt, max_tokens=fits + 1)
+        assert info.value.body["code"] == "context_length_exceeded"
+        assert f"context of {WINDOW} tokens" in info.value.body["message"]
+        reply = server.client().completions.create(model="sliding", prompt=prompt, max_tokens=fits)
+        assert reply.choices[0].finish_reason in ("stop", "length")
