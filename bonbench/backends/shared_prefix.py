@@ -30,7 +30,6 @@ from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from bonbench.backends.base import PromptTooLong
 from bonbench.backends.kv import HEADROOM, BufferLayer, lead_padding, left_pad
 
 ATTENTION = "bonbench_shared_prefix"
@@ -50,11 +49,6 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
         raise ValueError("shared-prefix attention decodes one token per row")
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("shared-prefix attention computes plain attention: no logit soft-capping, no sinks")
-    window = kwargs.get("sliding_window")
-    if window is not None and shared_prefix.longest_row > window:
-        raise PromptTooLong(f"a row has reached {shared_prefix.longest_row} tokens, more than this model's sliding "
-                            f"window of {window}, beyond which shared-prefix attention is not the model's "
-                            f"(bonbench.backends.kv.engine_context says what fits)")
     # oneDNN builds a kernel for every new shape it sees, and these shapes change at every step: the
     # first pass through a run's lengths took 30x longer with it than without it
     with torch.backends.mkldnn.flags(enabled=False):
@@ -122,18 +116,10 @@ class SharedPrefixCache(Cache):
         self.suffix_mask = torch.zeros((0, 0), dtype=torch.long)
         self.group = self.slot = self.prompt_lengths = torch.zeros(0, dtype=torch.long)
         self.groups = self.group_rows = 0
-        self._longest_row: int | None = None
 
     @property
     def rows(self) -> int:
         return self.group.shape[0]
-
-    @property
-    def longest_row(self) -> int:
-        """The most tokens a row attends to at this step (its prompt and its own tokens, the new one too)."""
-        if self._longest_row is None:
-            self._longest_row = int((self.prompt_lengths + self.suffix_mask.sum(-1)).max())
-        return self._longest_row
 
     def add_prompt(self, prefilled: Cache, row_slots: list[int]) -> None:
         """Add a prefilled prompt (its cache's batch: one row per adapter) as new groups, with a row
@@ -185,12 +171,10 @@ class SharedPrefixCache(Cache):
         """Open a column for one more token per row; returns the step's (attention_mask, position_ids)."""
         generated = self.suffix_mask.sum(-1, keepdim=True)
         self.suffix_mask = torch.cat([self.suffix_mask, self.suffix_mask.new_ones((self.rows, 1))], dim=-1)
-        self._longest_row = None
         return self.suffix_mask, self.prompt_lengths[:, None] + generated
 
     def _regroup(self, group: torch.Tensor) -> None:
         self.group = group
-        self._longest_row = None
         self.groups = int(group.max()) + 1 if group.numel() else 0
         counts = [0] * self.groups
         slots = []

@@ -187,14 +187,13 @@ def test_a_request_longer_than_the_window_is_refused_before_it_runs(tokenizer, k
         sample(model, tokenizer, [request], eos_ids(model, tokenizer))
 
 
-def test_the_engine_stops_a_row_that_outgrows_the_window_it_was_given_directly(tokenizer):
+def test_the_engine_refuses_a_request_given_directly_that_would_outgrow_the_window(tokenizer):
     model = sliding_model(SUPPORTED[0], tokenizer)
     ids = tokenizer("The quick brown fox", add_special_tokens=False)["input_ids"]
-    engine = Recorder(Engine(model, tokenizer, [-1], max_rows=4, max_step_tokens=64))
-    engine.add("long", SampleRequest(ids, SamplingParams(max_tokens=WINDOW, temperature=0)))
-    with pytest.raises(PromptTooLong, match=f"reached {WINDOW + 1} tokens, more than this model's sliding window"):
-        engine.run()
-    assert engine.steps == WINDOW - len(ids) + 1  # the step that would have fed token WINDOW + 1
+    engine = Engine(model, tokenizer, [-1], max_rows=4, max_step_tokens=64)
+    engine.add(SampleRequest(ids, SamplingParams(max_tokens=WINDOW - len(ids), temperature=0)), lambda _: None)
+    with pytest.raises(PromptTooLong, match=f"sliding window of {WINDOW} tokens"):
+        engine.add(SampleRequest(ids, SamplingParams(max_tokens=WINDOW - len(ids) + 1, temperature=0)), lambda _: None)
 
 
 @pytest.mark.parametrize("kind, why", zip(REFUSED, ["its attention caps its logits", "its attention has sinks"]))
