@@ -20,11 +20,14 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import torch
+
 from bonbench.backends import kv
 from bonbench.backends.base import (CancelledWork, Generation, PartialScorer, Prompt, SamplingParams, check_context,
                                     is_chat)
 from bonbench.backends.engine import Engine
 from bonbench.backends.rows import SampleRequest
+from bonbench.hardware import decoding_threads
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +147,10 @@ class TransformersBackend:
 
     supports_early_rejection = True
 
-    def __init__(self, model, tokenizer, model_name: str, *, max_batch_rows: int = 64, max_batch_tokens: int = 512):
+    def __init__(self, model, tokenizer, model_name: str, *, max_batch_rows: int = 64, max_batch_tokens: int = 512,
+                 threads: int | None = None):
+        """``threads``: the decoding thread's torch intra-op threads (default:
+        ``bonbench.hardware.decoding_threads`` for the model's device)."""
         if max_batch_tokens <= max_batch_rows:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must exceed max_batch_rows ({max_batch_rows})")
         self.model = model
@@ -158,6 +164,7 @@ class TransformersBackend:
         self._engine = self._new_engine()
         self.cancelled_work = CancelledWork()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._threads = threads or decoding_threads(next(model.parameters()).device.type)
         self._worker = threading.Thread(target=self._serve, name="bonbench-generate", daemon=True)
         self._worker.start()
 
@@ -234,6 +241,7 @@ class TransformersBackend:
         job.resolve(candidates)
 
     def _serve(self) -> None:
+        torch.set_num_threads(self._threads)
         running = True
         while running or not self._engine.idle:
             if running:

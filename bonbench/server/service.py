@@ -17,6 +17,7 @@ import numpy as np
 from bonbench.backends.base import (Backend, Generation, PartialScorer, Prompt, PromptTooLong, SamplingParams,
                                     UpstreamError, check_context)
 from bonbench.rejection import EarlyRejection, estimated_tokens_saved
+from bonbench.hardware import one_torch_thread
 from bonbench.rewards.base import RewardError, RewardModel, checked_scores, scores_partial
 from bonbench.seeds import derive_seed
 from bonbench.select import Argmax, Candidates, SelectionError, SelectionRule, describe, make_rule
@@ -126,7 +127,10 @@ class BestOfNService:
             self.metrics.count_cancelled_work(cancelled_work)
         self._in_flight = 0
         # One thread scores: reward models are not re-entrant and the CPU has few cores.
-        self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bonbench-reward")
+        # It runs with one torch thread: a second OpenMP team beside the generation thread's slows it 2x
+        # (bonbench.hardware.one_torch_thread).
+        self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bonbench-reward",
+                                               initializer=one_torch_thread)
         # Tokenising a long prompt takes CPU seconds: it runs here, off the event loop, one prompt at a time.
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bonbench-tokenize")
 

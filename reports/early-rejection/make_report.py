@@ -117,43 +117,52 @@ def _errors(frame: pd.DataFrame) -> np.ndarray:
                       (frame["win_high"] - frame["win_rate"]).clip(lower=0)])
 
 
-def plot(frame: pd.DataFrame, ns: list[int], path: Path) -> Path:
-    """Tokens per answer against the win rate: Best-of-N over every N, the variants at ``ns``."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+def _panel(ax, frame: pd.DataFrame, ns: list[int], column: str, errors) -> None:
+    """One metric against tokens per answer: Best-of-N over every N, the variants at ``ns``."""
     bon = frame[frame["family"] == "BoN"].sort_values("n")
-    ax.errorbar(bon["tokens_per_request"], bon["win_rate"], yerr=_errors(bon), color="black", marker="o",
-                capsize=3, label="Best-of-N (argmax)")
+    ax.errorbar(bon["tokens_per_request"], bon[column], yerr=errors(bon), color="black", marker="o", capsize=3,
+                label="Best-of-N (argmax)", zorder=5)
     for r in bon.itertuples():
-        ax.annotate(f"N={r.n}", (r.tokens_per_request, r.win_rate), textcoords="offset points", xytext=(5, -12),
-                    fontsize=8)
+        ax.annotate(f"N={r.n}", (r.tokens_per_request, getattr(r, column)), textcoords="offset points",
+                    xytext=(5, -12), fontsize=8)
     shown = frame[frame["n"].isin(ns)]
     for setting, group in shown[shown["family"] == "ER"].groupby("setting", sort=False):
         group = group.sort_values("n")
-        ax.plot(group["tokens_per_request"], group["win_rate"], marker="s", linestyle="--", alpha=0.85,
+        ax.plot(group["tokens_per_request"], group[column], marker="s", linestyle="--", alpha=0.85,
                 label=f"early rejection {setting}")
     markers = iter("^vDP*Xh<>")
     for setting, group in shown[shown["family"] == "rule"].groupby("setting", sort=False):
-        ax.plot(group["tokens_per_request"], group["win_rate"], marker=next(markers, "o"), linestyle="none",
+        ax.plot(group["tokens_per_request"], group[column], marker=next(markers, "o"), linestyle="none",
                 alpha=0.85, label=f"rule {setting}")
     for r in frame[frame["family"] == "policy"].itertuples():
-        ax.errorbar([r.tokens_per_request], [r.win_rate], yerr=_errors(frame.loc[[r.Index]]), marker="*",
+        ax.errorbar([r.tokens_per_request], [getattr(r, column)], yerr=errors(frame.loc[[r.Index]]), marker="*",
                     markersize=11, capsize=2, linestyle="none", label=r.method)
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(matplotlib_ticker().ScalarFormatter())
     ax.set_xlabel("generated tokens per answer served (log scale)")
-    ax.set_ylabel("win rate against one reference sample")
-    ax.set_title(f"Cost against quality (variants at N = {', '.join(map(str, ns))}; intervals: 95% Wilson, "
-                 "in the table for the variants)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+
+
+def plot(frame: pd.DataFrame, ns: list[int], path: Path) -> Path:
+    """Tokens per answer against the win rate (left) and the mean reward (right, less noisy)."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.6))
+    _panel(left, frame, ns, "win_rate", _errors)
+    left.set_ylabel("win rate against one reference sample (95% Wilson)")
+    _panel(right, frame, ns, "reward", lambda part: 1.96 * part["reward_se"].to_numpy())
+    right.set_ylabel("mean reward of the answer served (±1.96 s.e. across prompts)")
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.suptitle(f"Cost against quality; variants at N = {', '.join(map(str, ns))} (their intervals are in the "
+                 "table)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def readme(frame: pd.DataFrame, run: dict, run_folder: str) -> str:
+def readme(frame: pd.DataFrame, run: dict, run_folder: str, notes: str = "") -> str:
+    """The report; ``notes`` (the hand-written findings of ``FINDINGS.md``, if any) go at its end."""
     settings = run["settings"]
     prompts = int(frame["prompts"].max())
     return f"""# Early rejection and selection rules against Best-of-N (issue 15)
@@ -179,7 +188,8 @@ everything reads about 1). The columns are defined in the docstring of `bonbench
 
 ![cost against quality](cost_quality.png)
 
-{markdown(frame)}"""
+{markdown(frame)}
+{notes}"""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,7 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(frame, ns, out / "cost_quality.png")
-    (out / "README.md").write_text(readme(frame, run, args.run))
+    findings = out / "FINDINGS.md"
+    notes = "\n" + findings.read_text() if findings.exists() else ""
+    (out / "README.md").write_text(readme(frame, run, args.run, notes))
     print(markdown(frame))
 
 

@@ -37,3 +37,29 @@ def test_auto_is_bf16_on_a_native_bf16_cpu_only_for_serving():
     assert pick_dtype("float32", "cpu", for_serving=True) == torch.float32
     with pytest.raises(ValueError, match="unknown dtype"):
         pick_dtype("float7", "cpu")
+
+
+def test_the_decoding_thread_runs_alone_on_a_cpu_of_two_cores_and_keeps_torchs_setting_elsewhere():
+    import torch
+
+    from bonbench.hardware import decoding_threads
+
+    assert decoding_threads("cpu", cores=2) == 1
+    assert decoding_threads("cpu", cores=1) == 1
+    assert decoding_threads("cpu", cores=16) == torch.get_num_threads()
+    assert decoding_threads("cuda", cores=2) == torch.get_num_threads()
+
+
+def test_one_torch_thread_leaves_a_side_thread_a_single_intra_op_thread():
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from bonbench.hardware import one_torch_thread
+
+    before = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(1, initializer=one_torch_thread) as pool:
+            assert pool.submit(torch.get_num_threads).result() == 1
+    finally:
+        torch.set_num_threads(before)
