@@ -275,14 +275,13 @@ class Engine:
     def _checkpoints(self) -> set[int]:
         """Score and reject where a request's running rows just reached a checkpoint; the batch positions
         of the rows that leave: the rejected ones, and every row of a request whose scorer failed."""
-        reached: dict[int, list[int]] = {}  # id(request) -> positions of its running rows
+        reached: dict[_Pending, list[int]] = {}  # request -> positions of its running rows
         for i, row in enumerate(self._rows):
             plan = row.params.early_rejection
             if plan is not None and row.finish_reason is None and len(row.token_ids) in plan.checkpoints:
-                reached.setdefault(id(self._owner[id(row)]), []).append(i)
+                reached.setdefault(self._owner[id(row)], []).append(i)
         leaving: set[int] = set()
-        for positions in reached.values():
-            pending = self._owner[id(self._rows[positions[0]])]
+        for pending, positions in reached.items():
             try:
                 stopped = self._reject(pending, [self._rows[i] for i in positions])
             except Exception as exc:  # the scorer is the caller's code: it fails its own request only
