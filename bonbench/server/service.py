@@ -16,8 +16,8 @@ import numpy as np
 
 from bonbench.backends.base import (Backend, Generation, PartialScorer, Prompt, PromptTooLong, SamplingParams,
                                     UpstreamError, check_context)
-from bonbench.rejection import EarlyRejection, estimated_tokens_saved
 from bonbench.hardware import one_torch_thread
+from bonbench.rejection import EarlyRejection, estimated_tokens_saved
 from bonbench.rewards.base import RewardError, RewardModel, checked_scores, scores_partial
 from bonbench.seeds import derive_seed
 from bonbench.select import Argmax, Candidates, SelectionError, SelectionRule, describe, make_rule
@@ -83,6 +83,7 @@ class Selection:
     rule: SelectionRule | None = None
     scores: list[float | None] | None = None
     plan: EarlyRejection | None = None
+    rejection: tuple[int, float] | None = None  # with a plan: ``rejection_summary`` of the generation
 
     def info(self, best_of: int, reward_name: str | None) -> P.BestOfNInfo:
         return P.BestOfNInfo(
@@ -245,8 +246,9 @@ class BestOfNService:
         (docs/math.md §9); at least ``n`` of them do (``params.keep_at_least``)."""
         plan = params.early_rejection
         generation = await self._generate(prompt, params, self._partial_scorer(prompt) if plan else None)
-        if plan is not None:
-            self.metrics.observe_rejection(*rejection_summary(generation))
+        rejection = None if plan is None else rejection_summary(generation)
+        if rejection is not None:
+            self.metrics.observe_rejection(*rejection)
         if self.reward is None and rule.needs_reward:  # best_of == n, checked: plain samples
             return Selection(generation, None, list(range(n)))
         ended = [i for i, c in enumerate(generation.candidates) if c.rejected_at is None]
@@ -259,7 +261,7 @@ class BestOfNService:
             raise InvalidRequest(str(exc), param="selection") from exc
         size = len(generation.candidates)
         return Selection(generation, _spread(rewards, ended, size), [ended[int(i)] for i in choice.chosen], rule,
-                         _spread([float(s) for s in choice.scores], ended, size), plan)
+                         _spread([float(s) for s in choice.scores], ended, size), plan, rejection)
 
     def _partial_scorer(self, prompt: Prompt) -> PartialScorer:
         """Scores partial answers to ``prompt`` for the backend's early rejection. The backend calls it
@@ -440,7 +442,7 @@ def _usage(selections: list[Selection]) -> P.Usage:
     prompt = sum(s.generation.prompt_tokens for s in selections)
     completion = sum(s.generation.completion_tokens for s in selections)
     usage = P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-    ran = [rejection_summary(s.generation) for s in selections if s.plan is not None]
+    ran = [s.rejection for s in selections if s.rejection is not None]
     if ran:
         usage.rejected_candidates = sum(k for k, _ in ran)
         usage.tokens_saved_estimate = sum(t for _, t in ran)
