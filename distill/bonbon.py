@@ -12,6 +12,7 @@ import torch
 
 from bonbench.cli import run_command
 from bonbench.config import option
+from bonbench.seeds import derive_seed
 from distill.config import TrainConfig
 from distill.loop import Batch, Context, run_recipe
 from distill.losses import LossOutput, best_and_worst, bonbon_loss
@@ -38,7 +39,8 @@ class BonBon:
 
     def loss(self, ctx: Context, batch: Batch, seed: int) -> LossOutput:
         p, n = len(batch.ids), self.cfg.n
-        refs = ctx.sample("ref", batch, n, seed)
+        # BOND's seed for its reference draw: with --reference-cache a sweep shares the samples when n == k.
+        refs = ctx.sample("ref", batch, n, derive_seed(seed, 1))
         rewards = ctx.score([m for m in batch.messages for _ in range(n)],
                             [c.text for row in refs for c in row]).view(p, n)
         # The loss reads only the best and the worst sample of each prompt: score those two.

@@ -61,6 +61,9 @@ class TrainConfig:
     eval_every: int = option(12, "evaluate every N steps (and at the start and the end)")
     save_every: int = option(10, "checkpoint every N steps (and at the end)")
     resume: bool = option(True, "continue from the run folder's checkpoint if there is one")
+    reference_cache: str = option("", "folder of reference samples shared by the runs of a sweep: the first run "
+                                     "stores each reference draw, later runs with the same model, prompts, seeds "
+                                     "and max_tokens read it back (distill/reference_cache.py); empty: off")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
     log_level: str = log_level_option()
     diagnostics: bool = option(False, "per step, also the gradient norm of each loss term and their cosines "

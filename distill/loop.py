@@ -35,6 +35,7 @@ from distill.generation import Generator, make_generator
 from distill.losses import LossOutput
 from distill.policy import Draw, Policies, Role
 from distill.precision import resolve_precision
+from distill.reference_cache import ReferenceCache
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class Context:
     accelerator: "Accelerator"  # noqa: F821  (accelerate's; one process unless launched with several)
     timings: dict[str, float] = dataclass_field(default_factory=dict)
     version: int = 0  # weight updates so far (optimiser steps, anchor updates, a restored checkpoint)
+    reference_cache: ReferenceCache | None = None  # --reference-cache: ref draws shared across runs
 
     def score(self, prompts: Sequence[Prompt], texts: Sequence[str]) -> torch.Tensor:
         started = time.perf_counter()
@@ -84,9 +86,15 @@ class Context:
         return self.sample_together(batch, [Draw(role, n, seed, score_under)])[0]
 
     def sample_together(self, batch: Batch, draws: Sequence[Draw]) -> list[list[list[Candidate]]]:
-        """Per draw, the candidates per prompt, each scored under the draw's ``score_under`` roles."""
+        """Per draw, the candidates per prompt, each scored under the draw's ``score_under`` roles.
+        With a reference cache, ``ref`` draws it holds are read back instead of sampled."""
         started = time.perf_counter()
-        out = self.generator.generate(batch.ids, draws, self.cfg.max_tokens)
+        cache, max_tokens = self.reference_cache, self.cfg.max_tokens
+        out: list = [cache.get(batch.ids, d, max_tokens) if cache and d.role == "ref" else None for d in draws]
+        todo = [k for k, rows in enumerate(out) if rows is None]
+        fresh = self.generator.generate(batch.ids, [draws[k] for k in todo], max_tokens) if todo else []
+        for k, rows in zip(todo, fresh):
+            out[k] = rows
         self.timings["sample_s"] = self.timings.get("sample_s", 0.0) + time.perf_counter() - started
         for d, rows in zip(draws, out):
             flat = [(p, c) for p, row in zip(batch.ids, rows) for c in row]
@@ -96,6 +104,9 @@ class Context:
                     scores = self.policies.logprobs(role, [p for p, _ in todo], [c.token_ids for _, c in todo])
                     for (_, c), v in zip(todo, scores.tolist()):
                         c.logprob_under[role] = v
+        for k in todo:
+            if cache and draws[k].role == "ref":
+                cache.put(batch.ids, draws[k], max_tokens, out[k])
         return out
 
     def weights_changed(self) -> None:
@@ -148,8 +159,13 @@ def build_context(cfg: TrainConfig, recipe: Recipe) -> Context:
     if reward is None:
         raise ValueError("distillation needs a reward model; --reward-model none is for serving")
     # Last: nothing that can fail comes after the engine starts, so the caller always gets it to close.
+    cache = None
+    if cfg.reference_cache:
+        cache = ReferenceCache(cfg.reference_cache, {
+            "model": cfg.model, "resolved": str(resolve_policy(cfg.model)), "dtype": str(policies.dtype),
+            "precision": precision, "eos": list(policies.eos), "torch": torch.__version__})
     generator = make_generator(cfg, policies)
-    return Context(cfg, policies, reward, generator, accelerator)
+    return Context(cfg, policies, reward, generator, accelerator, reference_cache=cache)
 
 
 def load_prompts(cfg: TrainConfig, tokenizer, split: str, limit: int = 0) -> Batch:
@@ -418,6 +434,9 @@ def _train(cfg: TrainConfig, recipe: Recipe, ctx: Context) -> Path:
         metrics_log.close()
         ctx.policies.save_policy(out / "policy")
         log.info("policy saved in %s", out / "policy")
+        if ctx.reference_cache is not None:
+            log.info("reference cache %s: %d draws read back, %d drawn and stored", ctx.reference_cache.folder,
+                     ctx.reference_cache.hits, ctx.reference_cache.misses)
     acc.wait_for_everyone()
     return out
 

@@ -1,0 +1,194 @@
+"""The all-methods report: reward against KL for every method of ``run.py`` beside Best-of-N.
+
+    python reports/methods/report.py [POOL]        # POOL: runs/measure-default (the default)
+
+Reads ``POOL/summary.parquet`` and ``POOL/samples.parquet`` (written by ``bonbench measure``) and
+each method's ``runs/methods/<name>/wall.json``. Writes here:
+
+- ``methods.csv`` and the table in ``README.md``: per method, answers drawn per prompt and step,
+  training wall time, reward, win rate against the reference with its 95% Wilson interval,
+  measured KL to the reference with its standard error, and ``vs BoN front``: the method's reward
+  minus the reward of Best-of-N's front at the same KL. The front joins the measured Best-of-N
+  points (N = 1, 2, 4, 8 at their analytic KL, log N - (N-1)/N) by straight lines; a method above it
+  gets more reward than Best-of-N for its KL, as far as the line between two measured Ns says.
+- The reward-hacking check (``evals.metrics.reward_hacking_flags``): ROUGE-L against the task's
+  human summaries and answer length in words, each method's per-prompt means minus the reference
+  policy's (its 24 pool samples per prompt), with standard errors across the 40 prompts.
+- ``reward_vs_kl.png``: Best-of-N's front and every method's point with its KL interval.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))
+
+from bonbench.samplestore import policy_slug  # noqa: E402
+from evals.metrics import reward_hacking_flags, rouge_f1, word_count  # noqa: E402
+
+from run import METHODS, RUNS, STEPS  # noqa: E402  (this folder's run.py)
+
+LABELS = {"jbond": "J-BOND", "rloo-b0.01": "RLOO β=0.01", "rloo-b0.1": "RLOO β=0.1",
+          "iterative-bond": "iterative BOND (n=2)", "bond-n4-b0.5": "BOND N=4 β=0.5",
+          "bond-n8-b0.5": "BOND N=8 β=0.5", "bonbon": "BoNBoN (n=8)", "bond-n8-b0": "BoN-SFT N=8 (β=0)",
+          "bond-n8-b1": "vBoN N=8 (β=1)", "bond-n4-b0": "BoN-SFT N=4 (β=0)", "bond-n4-b1": "vBoN N=4 (β=1)"}
+
+
+# Policies measured in the same pool under another budget, shown beside the sweep: name -> slug
+OTHERS = {"jbond-default": "jbond-B-policy"}
+LABELS["jbond-default"] = "J-BOND default: 24 steps (reports/jbond-default/)"
+
+
+def bon_front(summary: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Best-of-N's (KL, reward) points, by N."""
+    bon = summary[summary["method"].str.match(r"^BoN-\d+$")].sort_values("n")
+    return bon["kl_analytic"].to_numpy(float), bon["reward"].to_numpy(float)
+
+
+def front_reward(kl: float, front_kl: np.ndarray, front_reward_: np.ndarray) -> float:
+    """Reward of the piecewise-linear Best-of-N front at ``kl`` (NaN beyond its largest N)."""
+    if kl > front_kl[-1]:
+        return float("nan")
+    return float(np.interp(max(kl, 0.0), front_kl, front_reward_))
+
+
+def paired_delta(values: pd.DataFrame, column: str, reference: pd.Series) -> tuple[float, float]:
+    """Mean and standard error over prompts of (the method's per-prompt mean - the reference's)."""
+    diff = values.groupby("prompt_index")[column].mean() - reference
+    diff = diff.dropna()
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
+
+
+def hacking_columns(samples: pd.DataFrame, slugs: dict[str, str]) -> pd.DataFrame:
+    from bonbench.tasks import load_task
+
+    task = load_task("default", "test", int(samples["prompt_index"].max()) + 1)
+    human = dict(zip(task["id"], task["summary"]))
+    samples = samples.assign(rougeL=rouge_f1(samples["text"], [human[i] for i in samples["prompt_id"]])["rougeL"],
+                             words=word_count(samples["text"]))
+    reference = samples[samples["policy"] == ""].groupby("prompt_index")
+    rows = []
+    for name, slug in slugs.items():
+        mine = samples[samples["policy"] == slug]
+        if mine.empty:
+            continue
+        row = {"name": name}
+        for column in ("reward", "rougeL", "words"):
+            row[f"{column}_delta"], row[f"{column}_delta_se"] = paired_delta(mine, column, reference[column].mean())
+        row["rougeL"], row["words"] = mine["rougeL"].mean(), mine["words"].mean()
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table["flag"] = reward_hacking_flags(table["reward_delta"], table["rougeL_delta"], table["rougeL_delta_se"],
+                                         table["words_delta"], table["words_delta_se"])
+    ref_row = {"rougeL": samples.loc[samples["policy"] == "", "rougeL"].mean(),
+               "words": samples.loc[samples["policy"] == "", "words"].mean()}
+    return table, ref_row
+
+
+def method_rows(summary: pd.DataFrame, slugs: dict[str, str]) -> pd.DataFrame:
+    front_kl, front_r = bon_front(summary)
+    rows = []
+    for name, slug in slugs.items():
+        found = summary[summary["method"] == f"policy:{slug}"]
+        if found.empty:
+            continue
+        s = found.iloc[0]
+        wall_file = REPO / RUNS / name / "wall.json"
+        wall = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else float("nan")
+        rows.append({"name": name, "method": LABELS.get(name, name),
+                     "answers_per_prompt_step": METHODS[name][2] if name in METHODS else np.nan,
+                     "train_minutes": wall / 60, "reward": s["reward"], "reward_se": s["reward_se"],
+                     "win_rate": s["win_rate"], "win_low": s["win_low"], "win_high": s["win_high"],
+                     "kl": s["kl_measured"], "kl_se": s["kl_measured_se"],
+                     "vs_bon_front": s["reward"] - front_reward(s["kl_measured"], front_kl, front_r)})
+    return pd.DataFrame(rows)
+
+
+def plot(summary: pd.DataFrame, table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    front_kl, front_r = bon_front(summary)
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    ax.plot(front_kl, front_r, "k-o", label="Best-of-N (analytic KL)")
+    for n, x, y in zip(summary[summary["method"].str.match(r"^BoN-\d+$")].sort_values("n")["n"], front_kl, front_r):
+        ax.annotate(f"N={n}", (x, y), textcoords="offset points", xytext=(6, -10), fontsize=8)
+    markers = iter("sD^v<>pPX*h")
+    for _, row in table.iterrows():
+        ax.errorbar(row["kl"], row["reward"], xerr=1.96 * row["kl_se"], yerr=1.96 * row["reward_se"],
+                    fmt=next(markers, "o"), capsize=2, label=row["method"])
+    ax.set_xlabel("KL(π ‖ π_ref), nats (methods: measured, 95% interval)")
+    ax.set_ylabel("mean reward of one answer (40 test prompts)")
+    ax.set_title(f"Every method after {STEPS} steps × 8 prompts, against Best-of-N")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(pool: Path) -> None:
+    summary = pd.read_parquet(pool / "summary.parquet")
+    samples = pd.read_parquet(pool / "samples.parquet")
+    slugs = {name: policy_slug(str(RUNS / name / "policy")) for name in METHODS} | OTHERS
+    table = method_rows(summary, slugs)
+    hacking, reference = hacking_columns(samples, slugs)
+    table = table.merge(hacking, on="name", how="left")
+    table.to_csv(HERE / "methods.csv", index=False)
+    plot(summary, table, HERE / "reward_vs_kl.png")
+    (HERE / "README.md").write_text(render(summary, table, reference))
+    print(render(summary, table, reference))
+
+
+def render(summary: pd.DataFrame, table: pd.DataFrame, reference: dict) -> str:
+    lines = [
+        f"# Every method on one budget: {STEPS} steps × 8 prompts, the embedded default, 2-core CPU",
+        "",
+        "Written by `python reports/methods/run.py` (how the budget and every column are defined: the",
+        "docstrings of `run.py` and `report.py`). Rewards, win rates and KL come from `bonbench measure` on",
+        "40 test prompts, 4 answers per policy, against the pool in `reports/measure-default/`.",
+        "",
+        "![reward against KL](reward_vs_kl.png)",
+        "",
+        "| method | answers / prompt / step | train min | reward | win rate [95% CI] | KL ± se | vs BoN front |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for _, s in summary[summary["method"].str.match(r"^BoN-\d+$")].sort_values("n").iterrows():
+        lines.append(f"| Best-of-{s['n']} | {s['n']} (at inference) | | {s['reward']:.3f} | {s['win_rate']:.3f} "
+                     f"[{s['win_low']:.3f}, {s['win_high']:.3f}] | {s['kl_analytic']:.3f} (analytic) | 0 |")
+    for _, r in table.iterrows():
+        answers = "" if np.isnan(r["answers_per_prompt_step"]) else f"{r['answers_per_prompt_step']:.0f}"
+        minutes = "" if np.isnan(r["train_minutes"]) else f"{r['train_minutes']:.1f}"
+        lines.append(f"| {r['method']} | {answers} | {minutes} | "
+                     f"{r['reward']:.3f} | {r['win_rate']:.3f} [{r['win_low']:.3f}, {r['win_high']:.3f}] | "
+                     f"{r['kl']:.3f} ± {r['kl_se']:.3f} | {r['vs_bon_front']:+.3f} |")
+    lines += ["", "The BOND and BoNBoN rows (not iterative BOND) share one reference cache (`--reference-cache`): the first of "
+              "them to run drew the reference samples and the others read them back, so their train minutes "
+              "leave out reference sampling. Answers per prompt and step count what each method would draw.", ""]
+    above = table[table["vs_bon_front"] > 0]["method"].tolist()
+    below = table[table["vs_bon_front"] <= 0]["method"].tolist()
+    lines += ["", f"Above Best-of-N's front at their KL: {', '.join(above) or 'none'}.",
+              f"Below it: {', '.join(below) or 'none'}.", "",
+              "## Reward hacking", "",
+              f"The reference policy's answers: ROUGE-L {reference['rougeL']:.3f} against the human summaries, "
+              f"{reference['words']:.1f} words.", "",
+              "| method | ROUGE-L | Δ ROUGE-L ± se | words | Δ words ± se | Δ reward ± se | flag |",
+              "|---|---|---|---|---|---|---|"]
+    for _, r in table.iterrows():
+        lines.append(f"| {r['method']} | {r['rougeL']:.3f} | {r['rougeL_delta']:+.3f} ± {r['rougeL_delta_se']:.3f} | "
+                     f"{r['words']:.1f} | {r['words_delta']:+.1f} ± {r['words_delta_se']:.1f} | "
+                     f"{r['reward_delta']:+.3f} ± {r['reward_delta_se']:.3f} | {r['flag'] or 'none'} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "runs" / "measure-default")
