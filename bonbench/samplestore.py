@@ -34,7 +34,7 @@ LATER_COLUMNS = ("self_certainty", "partial_seconds")
 POOL_SETTINGS = ("model", "reward_model", "judge_model", "task", "split", "k", "pool", "max_tokens", "temperature",
                  "seed", "dtype", "partial_at")
 
-__all__ = ["POOL_SETTINGS", "SAMPLE_COLUMNS", "SampleStore", "partial_column", "pool_settings", "policy_slug",
+__all__ = ["POOL_SETTINGS", "SAMPLE_COLUMNS", "SampleStore", "partial_column", "pool_settings", "policy_slug", "safe_name",
            "sample_columns", "to_markdown", "write_atomic"]
 
 
@@ -57,12 +57,17 @@ def write_atomic(frame, path: Path) -> None:
     tmp.replace(path)
 
 
+def safe_name(text: str, fallback: str) -> str:
+    """``text`` as one file or folder name: each run of characters other than letters, digits, ``.``
+    and ``_`` becomes ``-``, with no ``-`` or ``.`` at either end; ``fallback`` if nothing is left."""
+    return re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-.") or fallback
+
+
 def policy_slug(path: str) -> str:
     """A folder-name label for a policy: the last two parts of its path or hub id, ``-``-joined
     (``runs/jbond/policy`` -> ``jbond-policy``)."""
     parts = [part for part in Path(path).parts if part not in ("/", ".", "..")]
-    slug = re.sub(r"[^A-Za-z0-9._]+", "-", "-".join(parts[-2:])).strip("-.")
-    return slug or "policy"
+    return safe_name("-".join(parts[-2:]), "policy")
 
 
 def pool_settings(options: dict[str, Any], pool: int) -> dict[str, Any]:

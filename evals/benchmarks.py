@@ -42,7 +42,6 @@ import gc
 import json
 import logging
 import os
-import re
 import shlex
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -52,6 +51,7 @@ from typing import Iterator
 from bonbench.cli import log_level_option, run_command, setup_logging
 from bonbench.config import option, parse_config
 from bonbench.errors import UserError
+from bonbench.samplestore import safe_name
 
 log = logging.getLogger("evals.benchmarks")
 
@@ -184,7 +184,7 @@ class Unit:
 
     @property
     def stem(self) -> str:
-        return self.task if not self.label else f"{self.task}@{_slug(self.label)}"
+        return self.task if not self.label else f"{self.task}@{safe_name(self.label, 'x')}"
 
     def raw_path(self, out: Path) -> Path:
         return out / "raw" / self.method.name / f"{self.stem}.json"
@@ -192,9 +192,6 @@ class Unit:
     def samples_path(self, out: Path) -> Path:
         return out / "samples" / self.method.name / f"{self.stem}.jsonl"
 
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-.") or "x"
 
 
 def policy_method(path: str, reference_path: str) -> Method:
@@ -341,7 +338,7 @@ def bon_server(cfg: BenchmarkConfig, reward: str, out: Path) -> Iterator[Server]
     args = ["--model", cfg.model, "--reward-model", reward, "--n", str(largest),
             "--max-best-of", str(max(64, largest)), "--max-tokens", "4096", "--device", cfg.device,
             "--dtype", cfg.dtype, *shlex.split(cfg.serve_args)]
-    log_path = out / "logs" / f"serve-{_slug(reward)}.log"
+    log_path = out / "logs" / f"serve-{safe_name(reward, 'x')}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with launch_server(args, log_path=log_path) as process:

@@ -44,7 +44,6 @@ import json
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -54,6 +53,7 @@ import numpy as np
 from bonbench.cli import log_level_option, run_command, setup_logging
 from bonbench.config import option, parse_config
 from bonbench.errors import UserError
+from bonbench.samplestore import safe_name
 from bonbench.tables import write_tables
 from evals import metrics
 from evals.judge_client import READ_MODES, TEMPLATE, Comparison, JudgeError, JudgeSpec, JudgmentCache, judge_all
@@ -331,7 +331,7 @@ def run(cfg: JudgeConfig):
 
     pairs = pair_answers(read_answers(cfg.a, cfg.a_method), read_answers(cfg.b, cfg.b_method),
                          (cfg.a_name, cfg.b_name), cfg.limit)
-    out = Path(cfg.out or f"runs/judge/{_slug(cfg.a_name)}-vs-{_slug(cfg.b_name)}")
+    out = Path(cfg.out or f"runs/judge/{safe_name(cfg.a_name, 'method')}-vs-{safe_name(cfg.b_name, 'method')}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     api_key = "unused" if cfg.embedded else os.environ.get(cfg.judge_api_key_env, "") or "EMPTY"
@@ -358,9 +358,6 @@ def run(cfg: JudgeConfig):
     print(f"\nwritten to {out}/ (judgments, preferences, summary: .parquet and .csv; summary.md)")
     return summary
 
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "method"
 
 
 def main(argv: list[str] | None = None) -> None:
