@@ -12,11 +12,11 @@ Each trained policy then draws 4 answers on the 40 test prompts of ``runs/measur
 pool committed in ``reports/measure-default``): its reward, win rate against the reference and
 measured KL come from ``bonbench measure``, against the same references as Best-of-N's rows.
 
-On a 2-core CPU one torch thread does nearly as much as two (40 against 36 tokens/s sampling the
-embedded model in fp32 on an AVX2 machine), so two lanes with ``--threads 1`` and disjoint ``--only``
-lists finish a sweep sooner than one; ``bonbench measure`` runs one at a time across lanes (a lock
-file), since both add policies to one pool folder. Wall times are then those of one thread beside
-another run.
+On a 2-core CPU one torch thread does nearly as much as two (36 against 40 tokens/s, sampling the
+embedded model in fp32 on an AVX2 machine), so two lanes with ``--threads 1`` finish a sweep sooner
+than one. A lane waits for a method that another lane is training, then skips it; ``bonbench
+measure`` runs one at a time across lanes (a lock file), since every lane adds its policies to one
+pool folder. The wall times are then those of one thread beside another run.
 
 Both steps are resumable: a method whose ``runs/methods/<name>/policy`` exists is not trained
 again, and ``bonbench measure`` draws only the samples it lacks. The report (``report.py``) writes
@@ -62,15 +62,18 @@ METHODS: dict[str, tuple[str, list[str], int]] = {
 def train(name: str, threads: list[str]) -> None:
     module, args, _ = METHODS[name]
     out = RUNS / name
-    if (out / "policy").exists():
-        return
     command = [sys.executable, "-m", module, *args, "--steps", str(STEPS), "--eval-prompts", "0", "--out", str(out),
                *threads]
-    print("+", " ".join(command[1:]), flush=True)
-    started = time.perf_counter()
-    subprocess.run(command, check=True)
-    wall = time.perf_counter() - started
-    (out / "wall.json").write_text(json.dumps({"seconds": wall, "command": command[1:]}) + "\n")
+    RUNS.mkdir(parents=True, exist_ok=True)
+    with open(RUNS / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a lane already training this method: wait for it, then skip
+        if (out / "policy").exists():
+            return
+        print("+", " ".join(command[1:]), flush=True)
+        started = time.perf_counter()
+        subprocess.run(command, check=True)
+        wall = time.perf_counter() - started
+        (out / "wall.json").write_text(json.dumps({"seconds": wall, "command": command[1:]}) + "\n")
 
 
 def measure(name: str, threads: list[str]) -> None:
