@@ -59,6 +59,19 @@ def front_reward(kl: float, front_kl: np.ndarray, front_reward_: np.ndarray) -> 
     return float(np.interp(max(kl, 0.0), front_kl, front_reward_))
 
 
+def verdict(reward: float, reward_se: float, kl: float, kl_se: float, front_kl: np.ndarray,
+            front_r: np.ndarray, z: float = 1.96) -> str:
+    """"above" or "below" Best-of-N's front only when the method's 95% reward interval clears the
+    front over the whole 95% interval of its KL; else "within noise"."""
+    low = front_reward(max(kl - z * kl_se, 0.0), front_kl, front_r)
+    high = front_reward(kl + z * kl_se, front_kl, front_r)
+    if reward - z * reward_se > (front_r[-1] if np.isnan(high) else high):
+        return "above"
+    if reward + z * reward_se < low:
+        return "below"
+    return "within noise"
+
+
 def paired_delta(values: pd.DataFrame, column: str, reference: pd.Series) -> tuple[float, float]:
     """Mean and standard error over prompts of (the method's per-prompt mean - the reference's)."""
     diff = values.groupby("prompt_index")[column].mean() - reference
@@ -101,38 +114,49 @@ def method_rows(summary: pd.DataFrame, slugs: dict[str, str]) -> pd.DataFrame:
             continue
         s = found.iloc[0]
         wall_file = REPO / RUNS / name / "wall.json"
-        wall = json.loads(wall_file.read_text())["seconds"] if wall_file.exists() else float("nan")
+        run = json.loads(wall_file.read_text()) if wall_file.exists() else {"seconds": float("nan"), "command": []}
+        wall, command = run["seconds"], run["command"]
+        threads = command[command.index("--threads") + 1] if "--threads" in command else "default"
         rows.append({"name": name, "method": LABELS.get(name, name),
                      "answers_per_prompt_step": METHODS[name][2] if name in METHODS else np.nan,
-                     "train_minutes": wall / 60, "reward": s["reward"], "reward_se": s["reward_se"],
+                     "train_minutes": wall / 60, "threads": threads if wall_file.exists() else "", "reward": s["reward"], "reward_se": s["reward_se"],
                      "win_rate": s["win_rate"], "win_low": s["win_low"], "win_high": s["win_high"],
                      "kl": s["kl_measured"], "kl_se": s["kl_measured_se"],
-                     "vs_bon_front": s["reward"] - front_reward(s["kl_measured"], front_kl, front_r)})
+                     "vs_bon_front": s["reward"] - front_reward(s["kl_measured"], front_kl, front_r),
+                     "verdict": verdict(s["reward"], s["reward_se"], s["kl_measured"], s["kl_measured_se"],
+                                        front_kl, front_r)})
     return pd.DataFrame(rows)
 
 
 def plot(summary: pd.DataFrame, table: pd.DataFrame, path: Path) -> None:
+    """Two panels: the whole Best-of-N front, and its start (KL <= 0.4) where most methods land."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     front_kl, front_r = bon_front(summary)
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    ax.plot(front_kl, front_r, "k-o", label="Best-of-N (analytic KL)")
-    for n, x, y in zip(summary[summary["method"].str.match(r"^BoN-\d+$")].sort_values("n")["n"], front_kl, front_r):
-        ax.annotate(f"N={n}", (x, y), textcoords="offset points", xytext=(6, -10), fontsize=8)
-    markers = iter("sD^v<>pPX*h")
-    for _, row in table.iterrows():
-        ax.errorbar(row["kl"], row["reward"], xerr=1.96 * row["kl_se"], yerr=1.96 * row["reward_se"],
-                    fmt=next(markers, "o"), capsize=2, label=row["method"])
-    ax.set_xlabel("KL(π ‖ π_ref), nats (methods: measured, 95% interval)")
-    ax.set_ylabel("mean reward of one answer (40 test prompts)")
-    ax.set_title(f"Every method after {STEPS} steps × 8 prompts, against Best-of-N")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ns = summary[summary["method"].str.match(r"^BoN-\d+$")].sort_values("n")["n"].tolist()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [1, 1.2]})
+    for ax, zoom in zip(axes, (False, True)):
+        ax.plot(front_kl, front_r, "k-o", label="Best-of-N (analytic KL)")
+        for n, x, y in zip(ns, front_kl, front_r):
+            ax.annotate(f"N={n}", (x, y), textcoords="offset points", xytext=(6, -10), fontsize=8)
+        for marker, (_, row) in zip("sD^v<>pPX*hH8", table.iterrows()):
+            ax.errorbar(row["kl"], row["reward"], xerr=1.96 * row["kl_se"], yerr=1.96 * row["reward_se"],
+                        fmt=marker, capsize=2, label=row["method"])
+        ax.set_xlabel("KL(π ‖ π_ref), nats (methods: measured, 95% interval)")
+        ax.grid(alpha=0.3)
+        if zoom:
+            ax.set_xlim(-0.02, 0.45)
+            ax.set_ylim(0.05, 0.33)
+            ax.set_title("the start of the front")
+            ax.legend(fontsize=7, loc="lower right")
+        else:
+            ax.set_ylabel("mean reward of one answer (40 test prompts)")
+            ax.set_title(f"every method after {STEPS} steps × 8 prompts")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -159,25 +183,34 @@ def render(summary: pd.DataFrame, table: pd.DataFrame, reference: dict) -> str:
         "",
         "![reward against KL](reward_vs_kl.png)",
         "",
-        "| method | answers / prompt / step | train min | reward | win rate [95% CI] | KL ± se | vs BoN front |",
-        "|---|---|---|---|---|---|---|",
+        "| method | answers / prompt / step | train min (threads) | reward | win rate [95% CI] | KL ± se | vs BoN front | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for _, s in summary[summary["method"].str.match(r"^BoN-\d+$")].sort_values("n").iterrows():
         lines.append(f"| Best-of-{s['n']} | {s['n']} (at inference) | | {s['reward']:.3f} | {s['win_rate']:.3f} "
-                     f"[{s['win_low']:.3f}, {s['win_high']:.3f}] | {s['kl_analytic']:.3f} (analytic) | 0 |")
+                     f"[{s['win_low']:.3f}, {s['win_high']:.3f}] | {s['kl_analytic']:.3f} (analytic) | 0 | |")
     for _, r in table.iterrows():
         answers = "" if np.isnan(r["answers_per_prompt_step"]) else f"{r['answers_per_prompt_step']:.0f}"
-        minutes = "" if np.isnan(r["train_minutes"]) else f"{r['train_minutes']:.1f}"
+        minutes = "" if np.isnan(r["train_minutes"]) else f"{r['train_minutes']:.1f} ({r['threads']})"
         lines.append(f"| {r['method']} | {answers} | {minutes} | "
                      f"{r['reward']:.3f} | {r['win_rate']:.3f} [{r['win_low']:.3f}, {r['win_high']:.3f}] | "
-                     f"{r['kl']:.3f} ± {r['kl_se']:.3f} | {r['vs_bon_front']:+.3f} |")
-    lines += ["", "The BOND and BoNBoN rows (not iterative BOND) share one reference cache (`--reference-cache`): the first of "
-              "them to run drew the reference samples and the others read them back, so their train minutes "
-              "leave out reference sampling. Answers per prompt and step count what each method would draw.", ""]
-    above = table[table["vs_bon_front"] > 0]["method"].tolist()
-    below = table[table["vs_bon_front"] <= 0]["method"].tolist()
-    lines += ["", f"Above Best-of-N's front at their KL: {', '.join(above) or 'none'}.",
-              f"Below it: {', '.join(below) or 'none'}.", "",
+                     f"{r['kl']:.3f} ± {r['kl_se']:.3f} | {r['vs_bon_front']:+.3f} | {r['verdict']} |")
+    groups = {v: table.loc[table["verdict"] == v, "method"].tolist() for v in ("above", "below", "within noise")}
+    lines += ["",
+              "`vs BoN front`: the method's reward minus Best-of-N's at the same KL, on the straight lines between",
+              "the measured Ns. `verdict`: above or below the front only where the method's 95% reward interval",
+              "clears the front over the whole 95% interval of its KL.",
+              "",
+              f"- Above Best-of-N's front: {', '.join(groups['above']) or 'none'}.",
+              f"- Below it: {', '.join(groups['below']) or 'none'}.",
+              f"- Within noise of it: {', '.join(groups['within noise']) or 'none'}.",
+              "",
+              "The BOND and BoNBoN rows (not iterative BOND) share one reference cache (`--reference-cache`): the",
+              "first of them to run drew the reference samples and the others read them back, so their train",
+              "minutes leave out reference sampling. Answers per prompt and step count what each method draws",
+              "or reads. Runs with 1 thread ran as two lanes (`run.py --threads 1`): each train time is one",
+              "thread's beside another run; `default` is torch's two threads with the machine to itself.",
+              "",
               "## Reward hacking", "",
               f"The reference policy's answers: ROUGE-L {reference['rougeL']:.3f} against the human summaries, "
               f"{reference['words']:.1f} words.", "",
