@@ -8,6 +8,8 @@ from bonbench.cli import log_level_option
 from bonbench.config import option
 from distill.precision import PRECISIONS
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
 
 @dataclass
 class TrainConfig:
@@ -52,6 +54,8 @@ class TrainConfig:
     grad_accum: int = option(1, "micro-batches per optimiser step")
     lr: float = option(3e-4, "Adam learning rate (LoRA: ~1e-4..5e-4; full fine-tuning: ~1e-6..1e-5)")
     warmup_steps: int = option(4, "linear learning-rate warm-up")
+    lr_schedule: str = option("constant", "after the warm-up: 'constant', or decay to zero by the last step, "
+                                         "'linear' or 'cosine' (the lr of Hugging Face's Trainer decays linearly)")
     max_grad_norm: float = option(1.0, "gradient clipping (0: off)")
     max_tokens: int = option(40, "tokens per sampled answer")
     temperature: float = option(1.0, "sampling temperature (1: samples from pi itself, as the losses assume)")
@@ -80,6 +84,8 @@ class TrainConfig:
             raise ValueError("eval_k must be >= 2 (quantiles and win rates need reference samples)")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.generation not in ("transformers", "vllm"):
             raise ValueError(f"generation must be 'transformers' or 'vllm', got {self.generation!r}")
         if self.reward_model == "judge" and not self.judge_model:

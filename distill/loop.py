@@ -189,6 +189,22 @@ def step_indices(num_prompts: int, batch: int, step: int, seed: int) -> list[int
     return out
 
 
+def lr_factor(step: int, steps: int, warmup: int, schedule: str = "constant") -> float:
+    """The lr of (0-based) optimiser step ``step`` of ``steps``, as a fraction of ``--lr``: a linear
+    warm-up over the first ``warmup`` steps, then 1 (``constant``) or a decay that reaches 1/(R+1) of
+    the lr at the last step (R = steps - warmup) on a line (``linear``) or half a cosine (``cosine``)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    done = (step - warmup + 1) / (max(steps - warmup, 0) + 1)  # in (0, 1) over the decay
+    if schedule == "linear":
+        return 1.0 - done
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+    raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
 def _subset(batch: Batch, indices: Sequence[int]) -> Batch:
     return Batch([batch.ids[i] for i in indices], [batch.messages[i] for i in indices])
 
@@ -382,7 +398,8 @@ def _train(cfg: TrainConfig, recipe: Recipe, ctx: Context) -> Path:
 
     params = ctx.policies.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.lr_schedule))
     done = load_checkpoint(out, ctx, optimizer, scheduler) if cfg.resume else 0
     if done >= cfg.steps:
         log.info("%s already finished %d steps", out, done)
@@ -409,6 +426,7 @@ def _train(cfg: TrainConfig, recipe: Recipe, ctx: Context) -> Path:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         if not torch.isfinite(grad_norm):
             raise TrainingError(f"non-finite gradient at step {step + 1}; the last checkpoint in {out} is intact")
+        lr = scheduler.get_last_lr()[0]  # the lr this step used; scheduler.step() sets the next one
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -416,7 +434,7 @@ def _train(cfg: TrainConfig, recipe: Recipe, ctx: Context) -> Path:
         recipe.after_step(ctx, step + 1)
         ctx.weights_changed()
         ctx.timings["anchor_update_s"] = time.perf_counter() - anchor_started
-        row = _mean_over_processes(acc, {**sums, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+        row = _mean_over_processes(acc, {**sums, "grad_norm": float(grad_norm), "lr": lr,
                                          "step_s": time.perf_counter() - started, **ctx.timings,
                                          **ctx.policies.timings})
         last = step + 1 == cfg.steps
