@@ -204,6 +204,7 @@ def render(summary: pd.DataFrame, table: pd.DataFrame, reference: dict) -> str:
               f"- Above Best-of-N's front: {', '.join(groups['above']) or 'none'}.",
               f"- Below it: {', '.join(groups['below']) or 'none'}.",
               f"- Within noise of it: {', '.join(groups['within noise']) or 'none'}.",
+              f"- Not measured yet: {', '.join(LABELS[n] for n in METHODS if n not in set(table['name'])) or 'none'}.",
               "",
               "The BOND and BoNBoN rows (not iterative BOND) share one reference cache (`--reference-cache`): the",
               "first of them to run drew the reference samples and the others read them back, so their train",
