@@ -201,6 +201,8 @@ def render(summary: pd.DataFrame, table: pd.DataFrame, reference: dict) -> str:
               "the measured Ns. `verdict`: above or below the front only where the method's 95% reward interval",
               "clears the front over the whole 95% interval of its KL.",
               "",
+              f"- Point estimates: {int((table['vs_bon_front'] < 0).sum())} of {len(table)} below the front, "
+              f"{int((table['vs_bon_front'] >= 0).sum())} on or above it.",
               f"- Above Best-of-N's front: {', '.join(groups['above']) or 'none'}.",
               f"- Below it: {', '.join(groups['below']) or 'none'}.",
               f"- Within noise of it: {', '.join(groups['within noise']) or 'none'}.",
