@@ -90,10 +90,11 @@ class Context:
         With a reference cache, ``ref`` draws it holds are read back instead of sampled."""
         started = time.perf_counter()
         cache, max_tokens = self.reference_cache, self.cfg.max_tokens
-        out: list = [cache.get(batch.ids, d, max_tokens) if cache and d.role == "ref" else None for d in draws]
-        todo = [k for k, rows in enumerate(out) if rows is None]
-        fresh = self.generator.generate(batch.ids, [draws[k] for k in todo], max_tokens) if todo else []
-        for k, rows in zip(todo, fresh):
+        cacheable = [cache is not None and d.role == "ref" for d in draws]
+        out: list = [cache.get(batch.ids, d, max_tokens) if ok else None for d, ok in zip(draws, cacheable)]
+        drawn = [k for k, rows in enumerate(out) if rows is None]
+        fresh = self.generator.generate(batch.ids, [draws[k] for k in drawn], max_tokens) if drawn else []
+        for k, rows in zip(drawn, fresh):
             out[k] = rows
         self.timings["sample_s"] = self.timings.get("sample_s", 0.0) + time.perf_counter() - started
         for d, rows in zip(draws, out):
@@ -104,8 +105,8 @@ class Context:
                     scores = self.policies.logprobs(role, [p for p, _ in todo], [c.token_ids for _, c in todo])
                     for (_, c), v in zip(todo, scores.tolist()):
                         c.logprob_under[role] = v
-        for k in todo:
-            if cache and draws[k].role == "ref":
+        for k in drawn:
+            if cacheable[k]:
                 cache.put(batch.ids, draws[k], max_tokens, out[k])
         return out
 

@@ -50,3 +50,18 @@ def test_without_a_cache_folder_nothing_is_stored(tiny_model_path, tmp_path):
     cfg = BondConfig(**small(tiny_model_path, tmp_path, eval_prompts=0, n=2, k=3, samples=2))
     with build_context(cfg, Bond(cfg)) as ctx:
         assert ctx.reference_cache is None
+
+
+def test_a_reference_draw_beside_a_scored_draw_is_stored_and_read_back(tiny_model_path, tmp_path):
+    from distill.loop import load_prompts
+    from distill.policy import Draw
+
+    cfg = BondConfig(**small(tiny_model_path, tmp_path, reference_cache=str(tmp_path / "cache"), eval_prompts=0,
+                             n=2, k=2, samples=2))
+    with build_context(cfg, Bond(cfg)) as ctx:
+        batch = load_prompts(cfg, ctx.policies.tokenizer, "train", 2)
+        draws = [Draw("ref", 2, 7), Draw("policy", 1, 8, score_under=("ref",))]
+        first = ctx.sample_together(batch, draws)
+        again = ctx.sample_together(batch, draws)
+        assert (ctx.reference_cache.misses, ctx.reference_cache.hits) == (1, 1)
+        assert [[c.token_ids for c in row] for row in again[0]] == [[c.token_ids for c in row] for row in first[0]]
