@@ -359,7 +359,6 @@ def run(cfg: JudgeConfig):
     return summary
 
 
-
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(JudgeConfig, argv, prog="python -m evals.judge",
                        description="Side-by-side of two methods' answers by an LLM judge, both orders, with "

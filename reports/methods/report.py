@@ -46,9 +46,14 @@ OTHERS = {"jbond-default": "jbond-B-policy"}
 LABELS["jbond-default"] = "J-BOND default: 24 steps (reports/jbond-default/)"
 
 
+def bon_rows(summary: pd.DataFrame) -> pd.DataFrame:
+    """The plain Best-of-N rows of a ``bonbench measure`` summary, by N."""
+    return summary[summary["method"].str.match(r"^BoN-\d+$")].sort_values("n")
+
+
 def bon_front(summary: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Best-of-N's (KL, reward) points, by N."""
-    bon = summary[summary["method"].str.match(r"^BoN-\d+$")].sort_values("n")
+    bon = bon_rows(summary)
     return bon["kl_analytic"].to_numpy(float), bon["reward"].to_numpy(float)
 
 
@@ -79,14 +84,15 @@ def paired_delta(values: pd.DataFrame, column: str, reference: pd.Series) -> tup
     return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
-def hacking_columns(samples: pd.DataFrame, slugs: dict[str, str]) -> pd.DataFrame:
+def hacking_columns(samples: pd.DataFrame, slugs: dict[str, str]) -> tuple[pd.DataFrame, dict]:
     from bonbench.tasks import load_task
 
     task = load_task("default", "test", int(samples["prompt_index"].max()) + 1)
     human = dict(zip(task["id"], task["summary"]))
     samples = samples.assign(rougeL=rouge_f1(samples["text"], [human[i] for i in samples["prompt_id"]])["rougeL"],
                              words=word_count(samples["text"]))
-    reference = samples[samples["policy"] == ""].groupby("prompt_index")
+    pool = samples[samples["policy"] == ""]
+    reference = pool.groupby("prompt_index")
     rows = []
     for name, slug in slugs.items():
         mine = samples[samples["policy"] == slug]
@@ -100,9 +106,7 @@ def hacking_columns(samples: pd.DataFrame, slugs: dict[str, str]) -> pd.DataFram
     table = pd.DataFrame(rows)
     table["flag"] = reward_hacking_flags(table["reward_delta"], table["rougeL_delta"], table["rougeL_delta_se"],
                                          table["words_delta"], table["words_delta_se"])
-    ref_row = {"rougeL": samples.loc[samples["policy"] == "", "rougeL"].mean(),
-               "words": samples.loc[samples["policy"] == "", "words"].mean()}
-    return table, ref_row
+    return table, {"rougeL": pool["rougeL"].mean(), "words": pool["words"].mean()}
 
 
 def method_rows(summary: pd.DataFrame, slugs: dict[str, str]) -> pd.DataFrame:
@@ -119,7 +123,8 @@ def method_rows(summary: pd.DataFrame, slugs: dict[str, str]) -> pd.DataFrame:
         threads = command[command.index("--threads") + 1] if "--threads" in command else "default"
         rows.append({"name": name, "method": LABELS.get(name, name),
                      "answers_per_prompt_step": METHODS[name][2] if name in METHODS else np.nan,
-                     "train_minutes": wall / 60, "threads": threads if wall_file.exists() else "", "reward": s["reward"], "reward_se": s["reward_se"],
+                     "train_minutes": wall / 60, "threads": threads if wall_file.exists() else "",
+                     "reward": s["reward"], "reward_se": s["reward_se"],
                      "win_rate": s["win_rate"], "win_low": s["win_low"], "win_high": s["win_high"],
                      "kl": s["kl_measured"], "kl_se": s["kl_measured_se"],
                      "vs_bon_front": s["reward"] - front_reward(s["kl_measured"], front_kl, front_r),
@@ -136,7 +141,7 @@ def plot(summary: pd.DataFrame, table: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     front_kl, front_r = bon_front(summary)
-    ns = summary[summary["method"].str.match(r"^BoN-\d+$")].sort_values("n")["n"].tolist()
+    ns = bon_rows(summary)["n"].tolist()
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [1, 1.2]})
     for ax, zoom in zip(axes, (False, True)):
         ax.plot(front_kl, front_r, "k-o", label="Best-of-N (analytic KL)")
@@ -169,8 +174,9 @@ def main(pool: Path) -> None:
     table = table.merge(hacking, on="name", how="left")
     table.to_csv(HERE / "methods.csv", index=False)
     plot(summary, table, HERE / "reward_vs_kl.png")
-    (HERE / "README.md").write_text(render(summary, table, reference))
-    print(render(summary, table, reference))
+    text = render(summary, table, reference)
+    (HERE / "README.md").write_text(text)
+    print(text)
 
 
 def render(summary: pd.DataFrame, table: pd.DataFrame, reference: dict) -> str:
@@ -186,7 +192,7 @@ def render(summary: pd.DataFrame, table: pd.DataFrame, reference: dict) -> str:
         "| method | answers / prompt / step | train min (threads) | reward | win rate [95% CI] | KL ± se | vs BoN front | verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for _, s in summary[summary["method"].str.match(r"^BoN-\d+$")].sort_values("n").iterrows():
+    for _, s in bon_rows(summary).iterrows():
         lines.append(f"| Best-of-{s['n']} | {s['n']} (at inference) | | {s['reward']:.3f} | {s['win_rate']:.3f} "
                      f"[{s['win_low']:.3f}, {s['win_high']:.3f}] | {s['kl_analytic']:.3f} (analytic) | 0 | |")
     for _, r in table.iterrows():
