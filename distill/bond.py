@@ -76,15 +76,17 @@ class Bond:
                 (torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs])), lp)
             kwargs.update(ref_sample_logprobs=ref_sample_lp, ref_rewards=ref_rewards)
         if cfg.beta > 0:
-            ys = ctx.sample("policy", batch, cfg.samples, derive_seed(seed, 0))
+            # log pi_target(y) is read as y is drawn (a shadow row per sample), not in a pass of its own.
+            ys = ctx.sample("policy", batch, cfg.samples, derive_seed(seed, 0), score_under=(target,))
             flat_ids = [batch.ids[i] for i in range(p) for _ in range(cfg.samples)]
             y_ids = [c.token_ids for row in ys for c in row]
             rewards = ctx.score([m for m in batch.messages for _ in range(cfg.samples)],
                                 [c.text for row in ys for c in row]).view(p, cfg.samples)
             log_q = bon.log_quantile(rewards.numpy(), ref_rewards.numpy())
             policy_lp = ctx.policies.logprobs("policy", flat_ids, y_ids, grad=True).view(p, cfg.samples)
+            target_lp = [c.logprob_under[target] for row in ys for c in row]
             kwargs.update(policy_logprobs=policy_lp,
-                          ref_logprobs=ctx.policies.logprobs(target, flat_ids, y_ids).view(p, cfg.samples),
+                          ref_logprobs=torch.tensor(target_lp, dtype=policy_lp.dtype).view(p, cfg.samples),
                           log_quantiles=torch.as_tensor(np.asarray(log_q), dtype=policy_lp.dtype))
         out = bond_loss(n=cfg.n, beta=cfg.beta, **kwargs)
         out.metrics["ref_reward_mean"] = float(ref_rewards.mean())

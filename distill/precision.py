@@ -29,6 +29,8 @@ from typing import Iterable, Literal
 
 import torch
 
+from bonbench.backends.trunk import decoder_layers
+
 from bonbench.hardware import native_bf16
 
 log = logging.getLogger(__name__)
@@ -63,14 +65,6 @@ class _Bf16Layer(torch.nn.Module):
         device = next(self.layer.parameters()).device.type
         with torch.autocast(device, dtype=torch.bfloat16):
             return self.layer(*args, **kwargs)
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's stack of transformer blocks: the longest ``ModuleList`` whose name ends in ``layers``."""
-    stacks = [m for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and name.endswith("layers")]
-    if not stacks:
-        raise ValueError(f"found no decoder layer stack (a ModuleList named '...layers') in {type(model).__name__}")
-    return max(stacks, key=len)
 
 
 def bf16_frozen_trunk(model: torch.nn.Module) -> int:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from bonbench.cli import run_command
 from bonbench.config import option
 from distill.config import TrainConfig
@@ -39,12 +41,13 @@ class Rloo:
 
     def loss(self, ctx: Context, batch: Batch, seed: int) -> LossOutput:
         p, s = len(batch.ids), self.cfg.samples
-        ys = ctx.sample("policy", batch, s, seed)
+        # log pi_ref(y) is read as y is drawn (a shadow row per sample), not in a pass of its own.
+        ys = ctx.sample("policy", batch, s, seed, score_under=("ref",))
         flat_ids = [batch.ids[i] for i in range(p) for _ in range(s)]
         y_ids = [c.token_ids for row in ys for c in row]
         rewards = ctx.score([m for m in batch.messages for _ in range(s)], [c.text for row in ys for c in row])
         policy_lp = ctx.policies.logprobs("policy", flat_ids, y_ids, grad=True).view(p, s)
-        ref_lp = ctx.policies.logprobs("ref", flat_ids, y_ids).view(p, s)
+        ref_lp = torch.tensor([c.logprob_under["ref"] for row in ys for c in row], dtype=policy_lp.dtype).view(p, s)
         return rloo_loss(policy_lp, ref_lp, rewards.view(p, s).to(policy_lp.dtype), beta_rl=self.cfg.beta_rl)
 
     def after_step(self, ctx: Context, step: int) -> None:

@@ -7,7 +7,8 @@ An ``Engine`` holds one decoding batch. Each ``step()``
 2. prefills admitted prompts, at most ``max_step_tokens - rows`` prompt tokens per step: a long
    prompt is prefilled in chunks over several steps, so it delays everyone's next token by one
    chunk, not by its whole prompt. A prompt is prefilled once per distinct (prompt, adapter),
-   unpadded, and its keys and values are copied to its rows when they join;
+   unpadded, and its keys and values are copied to its rows when they join; the layers below the
+   lowest LoRA adapter run once per prompt, whatever the adapters (``bonbench.backends.trunk``);
 3. draws one token for every row; pauses to score the requests whose candidates just reached an
    early-rejection checkpoint, and stops the losers (below); lets finished, rejected and cancelled
    rows leave, hands back each request whose rows are all finished, and runs one decoding forward
@@ -51,6 +52,7 @@ from bonbench.backends.prefill import forward_with_adapters
 from bonbench.backends.rows import (Row, SampleRequest, candidates, cut_at_stop, draw, process_logits, request_rows,
                                     uniform_kl)
 from bonbench.backends.shared_prefix import ATTENTION, SharedPrefixCache, attention_of
+from bonbench.backends.trunk import first_adapted_layer, shared_trunk, widen_cache
 from bonbench.rejection import rejected
 
 
@@ -94,6 +96,7 @@ class Engine:
         self.max_step_tokens = max_step_tokens if max_step_tokens is not None else math.inf
         self.keep_tokens = keep_tokens
         self.device = next(model.parameters()).device
+        self._trunk = first_adapted_layer(model) if adapters else 0  # layers every adapter computes alike
         self._waiting: deque[_Pending] = deque()
         self._prefills: list[_Prefill] = []
         self._rows: list[Row] = []
@@ -194,11 +197,14 @@ class Engine:
             end = int(min(len(p.prompt), p.done + budget))
             if p.cache is None:
                 p.cache = kv.new_cache()
-            ids = torch.tensor([p.prompt[p.done : end]] * len(p.adapters), device=self.device)
-            positions = torch.arange(p.done, end, device=self.device).expand(len(p.adapters), -1)
-            out = forward_with_adapters(self.model, p.adapters if self.adapters else None, input_ids=ids,
-                                        position_ids=positions, cache=p.cache, use_cache=True,
-                                        logits_to_keep=1)
+            # One row through the frozen trunk, widened to a row per adapter where the adapters begin.
+            trunk = self._trunk if len(p.adapters) > 1 else 0
+            ids = torch.tensor([p.prompt[p.done : end]] * (1 if trunk else len(p.adapters)), device=self.device)
+            positions = torch.arange(p.done, end, device=self.device).expand(len(ids), -1)
+            with shared_trunk(self.model, trunk, len(p.adapters)):
+                out = forward_with_adapters(self.model, p.adapters if self.adapters else None, input_ids=ids,
+                                            position_ids=positions, cache=p.cache, use_cache=True,
+                                            logits_to_keep=1)
             budget -= end - p.done
             p.done = end
             if p.done == len(p.prompt):
@@ -209,6 +215,7 @@ class Engine:
     def _join(self, p: _Prefill) -> None:
         """Add the prefilled prompt to the batch (once per adapter) and its members' rows after it."""
         slot = {a: i for i, a in enumerate(p.adapters)}
+        widen_cache(p.cache, len(p.adapters))  # the trunk's layers hold one row for all adapters
         rows = [row for m in p.members for row in m.rows]
         row_slots = [slot[row.adapter] for row in rows]
         if self._cache is None:
