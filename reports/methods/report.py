@@ -42,8 +42,9 @@ LABELS = {"jbond": "J-BOND", "rloo-b0.01": "RLOO β=0.01", "rloo-b0.1": "RLOO β
 
 
 # Policies measured in the same pool under another budget, shown beside the sweep: name -> slug
-OTHERS = {"jbond-default": "jbond-B-policy"}
+OTHERS = {"jbond-default": "jbond-B-policy", "jbond-linear": "jbond-linear-policy"}
 LABELS["jbond-default"] = "J-BOND default: 24 steps (reports/jbond-default/)"
+LABELS["jbond-linear"] = "J-BOND, 24 steps, lr decayed linearly (reports/jbond-default/)"
 
 
 def bon_rows(summary: pd.DataFrame) -> pd.DataFrame:
