@@ -220,6 +220,9 @@ def render(summary: pd.DataFrame, table: pd.DataFrame, reference: dict) -> str:
               "minutes leave out reference sampling. Answers per prompt and step count what each method draws",
               "or reads. Runs with 1 thread ran as two lanes (`run.py --threads 1`): each train time is one",
               "thread's beside another run; `default` is torch's two threads with the machine to itself.",
+              "vBoN N=8 was trained a stop later than the others, on code whose sampler runs the frozen trunk",
+              "once per prompt and reads log π_ref(y) from shadow rows (the same draws and, up to rounding, the",
+              "same log-probabilities), so its train minutes are not comparable with the rows above it.",
               "",
               "## Reward hacking", "",
               f"The reference policy's answers: ROUGE-L {reference['rougeL']:.3f} against the human summaries, "
