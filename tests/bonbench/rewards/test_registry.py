@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from bonbench.errors import UserError
 from bonbench.rewards import REWARD_HELP, load_reward
@@ -46,6 +47,7 @@ def test_any_other_spec_is_a_sequence_classifier_folder_that_scores_each_answer(
     from bonbench.rewards.sequence_classifier import SequenceClassifierReward
 
     config = AutoConfig.from_pretrained(tiny_model_path, num_labels=1)
+    torch.manual_seed(0)  # the random head's scores, and so the gap between the two answers, are fixed
     LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
     AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(tmp_path / "rm")
     reward = load_reward(str(tmp_path / "rm"))
@@ -53,7 +55,9 @@ def test_any_other_spec_is_a_sequence_classifier_folder_that_scores_each_answer(
     prompts, answers = ["Say hi.", "Say hi.", "Say hi."], ["Hi!", "Hello there.", "Hi!"]
     scores = reward.score(prompts, answers)
     assert len(scores) == 3 and all(isinstance(s, float) for s in scores)
-    assert scores[0] == pytest.approx(scores[2]) and scores[0] != pytest.approx(scores[1])
+    # Unseeded, the random head once scored near 0, where identical rows differ by more than approx's
+    # relative tolerance (7e-9 on 0.004); seeded, they score -0.120 and the other answer -0.135.
+    assert scores[0] == pytest.approx(scores[2]) and abs(scores[0] - scores[1]) > 1e-3
 
 
 
