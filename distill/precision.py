@@ -30,7 +30,6 @@ from typing import Iterable, Literal
 import torch
 
 from bonbench.backends.trunk import decoder_layers
-
 from bonbench.hardware import native_bf16
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ import torch
 from bonbench.backends.base import SamplingParams
 from bonbench.backends.sampling import SampleRequest, sample
 from bonbench.backends.transformers import eos_ids, load_causal_lm
+from tests.lora_models import two_adapter_model
 
 
 @pytest.fixture(scope="module")
@@ -214,18 +215,7 @@ def test_sampling_params_reject_impossible_values():
 @pytest.fixture(scope="module")
 def peft_lm(tiny_model_path):
     """The tiny model with two LoRA adapters 'a' and 'b', randomised so the three policies differ."""
-    from peft import LoraConfig, get_peft_model
-
-    model, tokenizer = load_causal_lm(tiny_model_path)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
-    model = get_peft_model(model, config, adapter_name="a")
-    model.add_adapter("b", config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.eval()
+    model, tokenizer = two_adapter_model(tiny_model_path)
     return model, tokenizer, eos_ids(model, tokenizer)
 
 

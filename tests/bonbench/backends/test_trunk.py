@@ -4,32 +4,19 @@ the layers below the adapters once, and every draw and log-probability is what i
 from __future__ import annotations
 
 import pytest
-import torch
 
 from bonbench.backends.base import SamplingParams
 from bonbench.backends.engine import Engine
 from bonbench.backends.rows import BASE, SampleRequest
 from bonbench.backends.transformers import eos_ids, load_causal_lm
 from bonbench.backends.trunk import decoder_layers, first_adapted_layer
+from tests.lora_models import two_adapter_model
 
 
 @pytest.fixture(scope="module")
 def top_lora(tiny_model_path):
     """The 2-layer tiny model with adapters 'a' and 'b' on its top layer only: layer 0 is the trunk."""
-    from peft import LoraConfig, get_peft_model
-
-    model, tokenizer = load_causal_lm(tiny_model_path)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1],
-                        task_type="CAUSAL_LM")
-    model = get_peft_model(model, config, adapter_name="a")
-    model.add_adapter("b", config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.eval()
-    return model, tokenizer
+    return two_adapter_model(tiny_model_path, layers=[1])
 
 
 def run(model, tokenizer, requests, *, share: bool, max_step_tokens=None):
