@@ -64,6 +64,8 @@ class TrainConfig:
     out: str = option("runs/distill", "run folder: checkpoints, metrics.jsonl, TensorBoard events, eval")
     eval_every: int = option(12, "evaluate every N steps (and at the start and the end)")
     save_every: int = option(10, "checkpoint every N steps (and at the end)")
+    snapshot_every: int = option(0, "also keep the policy of every N-th step in snapshots/step-N, each loadable "
+                                    "like policy/, to measure a run's path afterwards (0: off)")
     resume: bool = option(True, "continue from the run folder's checkpoint if there is one")
     reference_cache: str = option("", "folder of reference samples shared by the runs of a sweep: the first run "
                                      "stores each reference draw, later runs with the same model, prompts, seeds "
@@ -78,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"batch_prompts ({self.batch_prompts}) must be a multiple of grad_accum ({self.grad_accum})")
         if self.steps < 1 or self.batch_prompts < 1:
             raise ValueError("steps and batch_prompts must be >= 1")
+        if self.snapshot_every < 0:
+            raise ValueError("snapshot_every must be >= 0 (0: no snapshots)")
         if self.temperature != 1.0:
             raise ValueError("the BOND losses assume samples from pi itself: keep temperature 1")
         if self.eval_prompts and self.eval_k < 2:

@@ -256,6 +256,17 @@ def save_checkpoint(out: Path, step: int, ctx: Context, optimizer, scheduler) ->
     shutil.rmtree(old, ignore_errors=True)
 
 
+def save_snapshot(out: Path, step: int, ctx: Context) -> Path:
+    """Keep this step's policy in ``out/snapshots/step-NNNN`` (written aside, then renamed into place)."""
+    final = out / "snapshots" / f"step-{step:04d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ctx.policies.save_policy(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
 def load_checkpoint(out: Path, ctx: Context, optimizer, scheduler) -> int:
     """Restore the run in ``out``; returns the number of steps already done (0 if none).
 
@@ -445,6 +456,8 @@ def _train(cfg: TrainConfig, recipe: Recipe, ctx: Context) -> Path:
                                                            "kl_anchor_estimate") if k in row})
             if evaluator is not None and ((step + 1) % cfg.eval_every == 0 or last):
                 metrics_log.write(step + 1, evaluator.run(seed=cfg.seed))
+            if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:
+                save_snapshot(out, step + 1, ctx)
             if (step + 1) % cfg.save_every == 0 or last:
                 save_checkpoint(out, step + 1, ctx, optimizer, scheduler)
         acc.wait_for_everyone()

@@ -126,6 +126,25 @@ def test_resumed_run_repeats_the_uninterrupted_run(tiny_model_path, tmp_path):
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), (x["step"], k)
 
 
+def test_snapshots_keep_the_policy_of_every_nth_step(tiny_model_path, tmp_path):
+    from safetensors.torch import load_file
+
+    args = small(tiny_model_path, tmp_path, steps=4, eval_prompts=0, save_every=4, snapshot_every=2)
+    out = train(JBondConfig(**args), JBond(JBondConfig(**args)))
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step-0002", "step-0004"]
+
+    def weights(folder):
+        return load_file(next(folder.glob("*.safetensors")))
+
+    last, middle, final = weights(out / "snapshots" / "step-0004"), weights(out / "snapshots" / "step-0002"), \
+        weights(out / "policy")
+    assert last.keys() == final.keys() == middle.keys()
+    assert all(torch.equal(last[k], final[k]) for k in final)  # the last snapshot is the saved policy
+    assert any(not torch.equal(middle[k], final[k]) for k in final)  # step 2's policy is an earlier one
+    with pytest.raises(ValueError, match="snapshot_every"):
+        JBondConfig(**{**args, "snapshot_every": -1})
+
+
 def test_a_run_killed_between_the_checkpoint_renames_resumes_from_the_old_checkpoint(tiny_model_path, tmp_path):
     args = small(tiny_model_path, tmp_path, steps=2, eval_prompts=0, save_every=2)
     out = Path(args["out"])
@@ -185,7 +204,7 @@ def test_step_indices_cover_each_epoch_once_in_a_seeded_order():
     assert seen != [i for s in range(5) for i in step_indices(10, 4, s, seed=4)]
 
 
-RECIPE_YAMLS = {"jbond": (JBondConfig, JBond), "bond": (BondConfig, Bond), "iterative_bond": (BondConfig, Bond),
+RECIPE_YAMLS = {"jbond": (JBondConfig, JBond), "jbond_long": (JBondConfig, JBond), "bond": (BondConfig, Bond), "iterative_bond": (BondConfig, Bond),
                 "vbon": (BondConfig, Bond), "bon_sft": (BondConfig, Bond), "rloo": (RlooConfig, Rloo),
                 "bonbon": (BonBonConfig, BonBon)}
 ACCELERATE_YAMLS = {"accelerate_ddp"}
@@ -202,7 +221,7 @@ def test_every_recipe_yaml_sets_its_options_and_builds_the_recipe_it_is_named_fo
     options = load_yaml(config_cls, CONFIGS / f"{stem}.yaml")
     cfg = config_cls(**options)
     assert options and {k: getattr(cfg, k) for k in options} == options
-    assert recipe_cls(cfg).name == stem.replace("_", "-")
+    assert recipe_cls(cfg).name == stem.removesuffix("_long").replace("_", "-")
 
 
 def test_accelerate_config_is_data_parallel_on_one_machine():
