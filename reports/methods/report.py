@@ -45,6 +45,11 @@ LABELS = {"jbond": "J-BOND", "rloo-b0.01": "RLOO β=0.01", "rloo-b0.1": "RLOO β
 OTHERS = {"jbond-default": "jbond-B-policy", "jbond-linear": "jbond-linear-policy"}
 LABELS["jbond-default"] = "J-BOND default: 24 steps (reports/jbond-default/)"
 LABELS["jbond-linear"] = "J-BOND, 24 steps, lr decayed linearly (reports/jbond-default/)"
+# The long configuration's path: the snapshots `distill/configs/jbond_long.yaml` keeps every 24 steps
+LONG_STEPS = (24, 48, 72, 96, 120)
+for _step in LONG_STEPS:
+    OTHERS[f"jbond-long-{_step}"] = f"snapshots-step-{_step:04d}"
+    LABELS[f"jbond-long-{_step}"] = f"J-BOND long (jbond_long.yaml), step {_step}"
 
 
 def bon_rows(summary: pd.DataFrame) -> pd.DataFrame:
@@ -148,9 +153,17 @@ def plot(summary: pd.DataFrame, table: pd.DataFrame, path: Path) -> None:
         ax.plot(front_kl, front_r, "k-o", label="Best-of-N (analytic KL)")
         for n, x, y in zip(ns, front_kl, front_r):
             ax.annotate(f"N={n}", (x, y), textcoords="offset points", xytext=(6, -10), fontsize=8)
-        for marker, (_, row) in zip("sD^v<>pPX*hH8", table.iterrows()):
+        is_long = table["name"].str.startswith("jbond-long-")
+        for marker, (_, row) in zip("sD^v<>pPX*hH8", table[~is_long].iterrows()):
             ax.errorbar(row["kl"], row["reward"], xerr=1.96 * row["kl_se"], yerr=1.96 * row["reward_se"],
                         fmt=marker, capsize=2, label=row["method"])
+        long = table[is_long]
+        if not long.empty:
+            ax.errorbar(long["kl"], long["reward"], xerr=1.96 * long["kl_se"], yerr=1.96 * long["reward_se"],
+                        fmt="-o", color="tab:red", capsize=2, label="J-BOND long, every 24 steps")
+            for _, row in long.iterrows():
+                ax.annotate(row["name"].rsplit("-", 1)[1], (row["kl"], row["reward"]), textcoords="offset points",
+                            xytext=(5, 4), fontsize=7, color="tab:red")
         ax.set_xlabel("KL(π ‖ π_ref), nats (methods: measured, 95% interval)")
         ax.grid(alpha=0.3)
         if zoom:
