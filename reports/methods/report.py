@@ -3,7 +3,8 @@
     python reports/methods/report.py [POOL]        # POOL: runs/measure-default (the default)
 
 Reads ``POOL/summary.parquet`` and ``POOL/samples.parquet`` (written by ``bonbench measure``) and
-each method's ``runs/methods/<name>/wall.json``. Writes here:
+each method's ``runs/methods/<name>/wall.json`` (without it, the train time already in
+``methods.csv``). Writes here:
 
 - ``methods.csv`` and the table in ``README.md``: per method, answers drawn per prompt and step,
   training wall time, reward, win rate against the reference with its 95% Wilson interval,
@@ -115,6 +116,22 @@ def hacking_columns(samples: pd.DataFrame, slugs: dict[str, str]) -> tuple[pd.Da
     return table, {"rougeL": pool["rougeL"].mean(), "words": pool["words"].mean()}
 
 
+def train_time(name: str) -> tuple[float, str]:
+    """Train minutes and torch threads of a run: from ``runs/<name>/wall.json`` (``run.py`` writes it),
+    else from the ``methods.csv`` already here, so a checkout without the runs keeps their times."""
+    wall_file = REPO / RUNS / name / "wall.json"
+    if wall_file.exists():
+        run = json.loads(wall_file.read_text())
+        command = run["command"]
+        threads = command[command.index("--threads") + 1] if "--threads" in command else "default"
+        return run["seconds"] / 60, threads
+    if (HERE / "methods.csv").exists():
+        known = pd.read_csv(HERE / "methods.csv", keep_default_na=False).set_index("name")
+        if name in known.index and known.at[name, "train_minutes"] != "":
+            return float(known.at[name, "train_minutes"]), str(known.at[name, "threads"])
+    return float("nan"), ""
+
+
 def method_rows(summary: pd.DataFrame, slugs: dict[str, str]) -> pd.DataFrame:
     front_kl, front_r = bon_front(summary)
     rows = []
@@ -123,13 +140,10 @@ def method_rows(summary: pd.DataFrame, slugs: dict[str, str]) -> pd.DataFrame:
         if found.empty:
             continue
         s = found.iloc[0]
-        wall_file = REPO / RUNS / name / "wall.json"
-        run = json.loads(wall_file.read_text()) if wall_file.exists() else {"seconds": float("nan"), "command": []}
-        wall, command = run["seconds"], run["command"]
-        threads = command[command.index("--threads") + 1] if "--threads" in command else "default"
+        minutes, threads = train_time(name)
         rows.append({"name": name, "method": LABELS.get(name, name),
                      "answers_per_prompt_step": METHODS[name][2] if name in METHODS else np.nan,
-                     "train_minutes": wall / 60, "threads": threads if wall_file.exists() else "",
+                     "train_minutes": minutes, "threads": threads,
                      "reward": s["reward"], "reward_se": s["reward_se"],
                      "win_rate": s["win_rate"], "win_low": s["win_low"], "win_high": s["win_high"],
                      "kl": s["kl_measured"], "kl_se": s["kl_measured_se"],
@@ -173,7 +187,7 @@ def plot(summary: pd.DataFrame, table: pd.DataFrame, path: Path) -> None:
             ax.legend(fontsize=7, loc="lower right")
         else:
             ax.set_ylabel("mean reward of one answer (40 test prompts)")
-            ax.set_title(f"every method after {STEPS} steps × 8 prompts")
+            ax.set_title(f"every method after {STEPS} steps × 8 prompts; J-BOND also at 24–120")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
