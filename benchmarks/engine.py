@@ -136,34 +136,37 @@ def tokens_per_second(run) -> tuple[float, int, float]:
 def bon_section(cfg: EngineBenchConfig) -> list[dict]:
     results = []
     for dtype in [d.strip() for d in cfg.dtypes.split(",") if d.strip()]:
-        model, tokenizer = load_causal_lm(resolve_policy(cfg.model), dtype, cfg.device)
-        eos = eos_ids(model, tokenizer)
-        prompts = default_prompts(tokenizer, cfg.prompts)
-        torch.manual_seed(cfg.seed)
-
-        def bonbench_sampler():
-            params = [SamplingParams(n=cfg.n, max_tokens=cfg.max_tokens, seed=derive_seed(cfg.seed, i))
-                      for i in range(len(prompts))]
-            out = sample(model, tokenizer, [SampleRequest(p, s) for p, s in zip(prompts, params)], eos)
-            return sum(c.num_tokens for cands in out for c in cands)
-
-        runs = {
-            "TRL-style loop": lambda: sum(hf_generate(model, tokenizer, [p], cfg.n, cfg.max_tokens, set(eos))
-                                          for p in prompts),
-            "batched generate": lambda: hf_generate(model, tokenizer, prompts, cfg.n, cfg.max_tokens, set(eos)),
-            "bonbench": bonbench_sampler,
-        }
-        hf_generate(model, tokenizer, prompts[:1], 1, 2, set(eos))  # warm-up, not counted
-        best: dict[str, dict] = {}
-        for _ in range(cfg.repeats):
-            for name, run in runs.items():
-                speed, tokens, wall = tokens_per_second(run)
-                print(f"  bon {dtype:9s} {name:17s} {speed:7.1f} tok/s ({tokens} tokens, {wall:.1f} s)", flush=True)
-                if name not in best or speed > best[name]["tokens_per_s"]:
-                    best[name] = dict(dtype=dtype, method=name, tokens_per_s=speed, tokens=tokens, wall_s=wall)
-        results += best.values()
-        del model
+        results += _bon_one_dtype(cfg, dtype)  # the model is freed on return
     return results
+
+
+def _bon_one_dtype(cfg: EngineBenchConfig, dtype: str) -> list[dict]:
+    model, tokenizer = load_causal_lm(resolve_policy(cfg.model), dtype, cfg.device)
+    eos = eos_ids(model, tokenizer)
+    prompts = default_prompts(tokenizer, cfg.prompts)
+    torch.manual_seed(cfg.seed)
+
+    def bonbench_sampler():
+        params = [SamplingParams(n=cfg.n, max_tokens=cfg.max_tokens, seed=derive_seed(cfg.seed, i))
+                  for i in range(len(prompts))]
+        out = sample(model, tokenizer, [SampleRequest(p, s) for p, s in zip(prompts, params)], eos)
+        return sum(c.num_tokens for cands in out for c in cands)
+
+    runs = {
+        "TRL-style loop": lambda: sum(hf_generate(model, tokenizer, [p], cfg.n, cfg.max_tokens, set(eos))
+                                      for p in prompts),
+        "batched generate": lambda: hf_generate(model, tokenizer, prompts, cfg.n, cfg.max_tokens, set(eos)),
+        "bonbench": bonbench_sampler,
+    }
+    hf_generate(model, tokenizer, prompts[:1], 1, 2, set(eos))  # warm-up, not counted
+    best: dict[str, dict] = {}
+    for _ in range(cfg.repeats):
+        for name, run in runs.items():
+            speed, tokens, wall = tokens_per_second(run)
+            print(f"  bon {dtype:9s} {name:17s} {speed:7.1f} tok/s ({tokens} tokens, {wall:.1f} s)", flush=True)
+            if name not in best or speed > best[name]["tokens_per_s"]:
+                best[name] = dict(dtype=dtype, method=name, tokens_per_s=speed, tokens=tokens, wall_s=wall)
+    return list(best.values())
 
 
 # ---------------------------------------------------------------------------- Best-of-N through the server

@@ -358,11 +358,15 @@ def draw_missing(cfg: SamplingOptions, store: SampleStore, pool: int, pool_todo:
                                       temperature=cfg.temperature, seed=cfg.seed, partial_at=cfg.partial_at),
             store.write)
     for entry, todo in pending:
-        models = load_policy(reference, cfg.model, entry["path"], dtype=cfg.dtype, device=cfg.device)
-        slug, method = entry["slug"], store.policy_method(entry["slug"])
-        sample_missing(
-            todo, cfg.batch_prompts, f"policy {slug}",
-            lambda batch: sample_policy(models, reward, batch, slug=slug, samples=entry["policy_samples"],
-                                        max_tokens=cfg.max_tokens, seed=cfg.seed, logprob_batch=cfg.logprob_batch),
-            lambda frame, index: store.write(frame, index, method))
-        del models
+        _draw_policy(cfg, store, reference, reward, entry, todo)  # the policy is freed on return
+
+
+def _draw_policy(cfg: SamplingOptions, store: SampleStore, reference, reward, entry: dict,
+                 todo: Sequence[dict]) -> None:
+    models = load_policy(reference, cfg.model, entry["path"], dtype=cfg.dtype, device=cfg.device)
+    slug, method = entry["slug"], store.policy_method(entry["slug"])
+    sample_missing(
+        todo, cfg.batch_prompts, f"policy {slug}",
+        lambda batch: sample_policy(models, reward, batch, slug=slug, samples=entry["policy_samples"],
+                                    max_tokens=cfg.max_tokens, seed=cfg.seed, logprob_batch=cfg.logprob_batch),
+        lambda frame, index: store.write(frame, index, method))

@@ -495,10 +495,10 @@ def run(cfg: BenchmarkConfig):
     manager, tasks = resolve_tasks(cfg.tasks)
     for task in set(tasks) - local_task_names():
         _load_tasks(manager, task)  # fetch hub datasets now: fail before any model loads, not after hours
-    for option, named in (("--bon-reward", cfg.task_rewards()), ("--bon-selection", cfg.task_selections())):
+    for flag, named in (("--bon-reward", cfg.task_rewards()), ("--bon-selection", cfg.task_selections())):
         stray = sorted(set(named) - set(tasks))
         if stray:
-            raise BenchmarkError(f"{option} names {stray[0]}, which is not among the tasks to run ({', '.join(tasks)})")
+            raise BenchmarkError(f"{flag} names {stray[0]}, which is not among the tasks to run ({', '.join(tasks)})")
     external, server_reward = None, None
     if cfg.bon_base_url and cfg.bon_n:
         external, server_reward = check_server(cfg.bon_base_url, max(cfg.bon_n))

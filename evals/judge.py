@@ -56,7 +56,7 @@ from bonbench.errors import UserError
 from bonbench.samplestore import safe_name
 from bonbench.tables import write_tables
 from evals import metrics
-from evals.judge_client import READ_MODES, TEMPLATE, Comparison, JudgeError, JudgeSpec, JudgmentCache, judge_all
+from evals.judge_client import READ_MODES, TEMPLATE, Comparison, JudgeSpec, JudgmentCache, judge_all
 
 log = logging.getLogger("evals.judge")
 

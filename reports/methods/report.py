@@ -46,6 +46,8 @@ LABELS = {"jbond": "J-BOND", "rloo-b0.01": "RLOO β=0.01", "rloo-b0.1": "RLOO β
 OTHERS = {"jbond-default": "jbond-B-policy", "jbond-linear": "jbond-linear-policy"}
 LABELS["jbond-default"] = "J-BOND default: 24 steps (reports/jbond-default/)"
 LABELS["jbond-linear"] = "J-BOND, 24 steps, lr decayed linearly (reports/jbond-default/)"
+OTHERS["jbond-drift"] = "jbond-drift-policy"
+LABELS["jbond-drift"] = "J-BOND default under a random reward: drift (reports/jbond-default/drift/)"
 # The long configuration's path: the snapshots `distill/configs/jbond_long.yaml` keeps every 24 steps
 LONG_STEPS = (24, 48, 72, 96, 120)
 for _step in LONG_STEPS:
