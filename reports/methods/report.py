@@ -20,6 +20,7 @@ each method's ``runs/methods/<name>/wall.json`` (without it, the train time alre
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -118,31 +119,32 @@ def hacking_columns(samples: pd.DataFrame, slugs: dict[str, str]) -> tuple[pd.Da
     return table, {"rougeL": pool["rougeL"].mean(), "words": pool["words"].mean()}
 
 
-def train_time(name: str) -> tuple[float, str]:
+def train_time(name: str, known: pd.DataFrame) -> tuple[float, str]:
     """Train minutes and torch threads of a run: from ``runs/<name>/wall.json`` (``run.py`` writes it),
-    else from the ``methods.csv`` already here, so a checkout without the runs keeps their times."""
+    else from ``known`` (the ``methods.csv`` already here, by name), so a checkout without the runs
+    keeps their times."""
     wall_file = REPO / RUNS / name / "wall.json"
     if wall_file.exists():
         run = json.loads(wall_file.read_text())
         command = run["command"]
         threads = command[command.index("--threads") + 1] if "--threads" in command else "default"
         return run["seconds"] / 60, threads
-    if (HERE / "methods.csv").exists():
-        known = pd.read_csv(HERE / "methods.csv", keep_default_na=False).set_index("name")
-        if name in known.index and known.at[name, "train_minutes"] != "":
-            return float(known.at[name, "train_minutes"]), str(known.at[name, "threads"])
+    if name in known.index and known.at[name, "train_minutes"] != "":
+        return float(known.at[name, "train_minutes"]), str(known.at[name, "threads"])
     return float("nan"), ""
 
 
 def method_rows(summary: pd.DataFrame, slugs: dict[str, str]) -> pd.DataFrame:
     front_kl, front_r = bon_front(summary)
+    csv = HERE / "methods.csv"
+    known = pd.read_csv(csv, keep_default_na=False).set_index("name") if csv.exists() else pd.DataFrame()
     rows = []
     for name, slug in slugs.items():
         found = summary[summary["method"] == f"policy:{slug}"]
         if found.empty:
             continue
         s = found.iloc[0]
-        minutes, threads = train_time(name)
+        minutes, threads = train_time(name, known)
         rows.append({"name": name, "method": LABELS.get(name, name),
                      "answers_per_prompt_step": METHODS[name][2] if name in METHODS else np.nan,
                      "train_minutes": minutes, "threads": threads,
@@ -170,7 +172,7 @@ def plot(summary: pd.DataFrame, table: pd.DataFrame, path: Path) -> None:
         for n, x, y in zip(ns, front_kl, front_r):
             ax.annotate(f"N={n}", (x, y), textcoords="offset points", xytext=(6, -10), fontsize=8)
         is_long = table["name"].str.startswith("jbond-long-")
-        for marker, (_, row) in zip("sD^v<>pPX*hH8", table[~is_long].iterrows()):
+        for marker, (_, row) in zip(itertools.cycle("sD^v<>pPX*hH8"), table[~is_long].iterrows()):
             ax.errorbar(row["kl"], row["reward"], xerr=1.96 * row["kl_se"], yerr=1.96 * row["reward_se"],
                         fmt=marker, capsize=2, label=row["method"])
         long = table[is_long]
