@@ -9,12 +9,14 @@ with no N chosen up front and no quantile estimation.
 
 Departures from the paper, all small: LoRA by default (policy and anchor are two adapters on one
 frozen base; the reference is the base), with an lr to match; the leave-one-out baseline averages
-the other prompts' returns in the micro-batch; only the better anchor sample is scored with
-gradients (the other's gradient is zero in the loss anyway).
+the other prompts' returns in the micro-batch; only anchor samples that can win a pair are scored
+with gradients (the others' weight is zero in the loss anyway). ``--anchor-samples k`` draws k > 2
+anchor samples and averages r_J and the forward term over all their pairs: the paper's expected
+gradient with less variance, for k - 2 more rows a step (docs/math.md §4).
 
 Cost: with LoRA a step is one sampling batch (policy and anchor rows together, plus a shadow row
 per policy sample that reads log pi_anchor(y) as y is drawn) and one gradient pass in which each
-prompt runs once for its two scored answers.
+prompt runs once for its scored answers (two with the paper's k = 2).
 
     python -m distill.jbond                                      # 2-core CPU: 18 min with AVX-512, 28 with AVX2 only
     python -m distill.jbond --model Qwen/Qwen2.5-0.5B-Instruct --device cuda --batch-prompts 64
@@ -38,7 +40,7 @@ from bonbench.seeds import derive_seed
 from distill.config import TrainConfig
 from distill.loop import Batch, Context, run_recipe
 from distill.policy import Draw
-from distill.losses import LossOutput, best_and_worst, jbond_loss
+from distill.losses import LossOutput, best_of_n_weights, jbond_loss
 
 
 @dataclass
@@ -48,6 +50,8 @@ class JBondConfig(TrainConfig):
     beta: float = option(0.5, "Jeffreys weight: 0 forward KL only, 1 backward KL only (paper: 0.5)")
     eta: float = option(0.02, "EMA rate of the anchor (paper: 0.02)")
     gamma: float = option(0.0, "extra KL(pi || anchor) regularisation (paper: 0 to 2)")
+    anchor_samples: int = option(2, "anchor samples per prompt (paper: 2); k > 2 averages r_J and the forward "
+                                    "term over all pairs of them: the same expected gradient, less variance")
     baseline: bool = option(True, "leave-one-out baseline over the micro-batch's prompts")
     out: str = option("runs/jbond", "run folder")
 
@@ -55,6 +59,8 @@ class JBondConfig(TrainConfig):
         super().__post_init__()
         if not 0 <= self.beta <= 1 or not 0 < self.eta <= 1 or self.gamma < 0:
             raise ValueError("J-BOND needs 0 <= beta <= 1, 0 < eta <= 1 and gamma >= 0")
+        if self.anchor_samples < 2:
+            raise ValueError("r_J compares the policy sample with pairs of anchor samples: anchor_samples >= 2")
         if self.baseline and self.batch_prompts // self.grad_accum < 2:
             raise ValueError("the baseline averages other prompts: a micro-batch needs >= 2 prompts")
 
@@ -67,23 +73,24 @@ class JBond:
         self.cfg = cfg
 
     def loss(self, ctx: Context, batch: Batch, seed: int) -> LossOutput:
-        p = len(batch.ids)
+        p, k = len(batch.ids), self.cfg.anchor_samples
         # One batch for both roles; log pi_anchor(y) comes from a shadow row while y is drawn.
         ys, anchors = ctx.sample_together(batch, [Draw("policy", 1, derive_seed(seed, 0), score_under=("anchor",)),
-                                                  Draw("anchor", 2, derive_seed(seed, 1))])
+                                                  Draw("anchor", k, derive_seed(seed, 1))])
         ys = [row[0] for row in ys]
         texts = [c.text for c in ys] + [c.text for row in anchors for c in row]
-        rewards = ctx.score(batch.messages + [m for m in batch.messages for _ in range(2)], texts)
-        policy_rewards, anchor_rewards = rewards[:p], rewards[p:].view(p, 2)
-        # The forward term reads log pi of the better anchor sample only: score that one.
-        best = best_and_worst(anchor_rewards).best
-        best_ids = [anchors[i][int(best[i])].token_ids for i in range(p)]
-        y_ids = [c.token_ids for c in ys]
-        with_grad = ctx.policies.logprobs("policy", batch.ids * 2, y_ids + best_ids, grad=True)
-        policy_lp, best_lp = with_grad[:p], with_grad[p:]
+        rewards = ctx.score(batch.messages + [m for m in batch.messages for _ in range(k)], texts)
+        policy_rewards, anchor_rewards = rewards[:p], rewards[p:].view(p, k)
+        # The forward term reads log pi of the anchor samples that can win a pair: score those only.
+        weights = best_of_n_weights(anchor_rewards, 2)
+        pairs = [(i, j) for i in range(p) for j in range(k) if weights[i, j] > 0]
+        with_grad = ctx.policies.logprobs("policy", batch.ids + [batch.ids[i] for i, _ in pairs],
+                                          [c.token_ids for c in ys] + [anchors[i][j].token_ids for i, j in pairs],
+                                          grad=True)
+        policy_lp = with_grad[:p]
+        anchor_sample_lp = torch.zeros(p, k, dtype=with_grad.dtype).index_put(
+            (torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs])), with_grad[p:])
         anchor_lp = torch.tensor([c.logprob_under["anchor"] for c in ys], dtype=policy_lp.dtype)
-        anchor_sample_lp = torch.zeros(p, 2, dtype=best_lp.dtype)
-        anchor_sample_lp = anchor_sample_lp.scatter(1, best[:, None], best_lp[:, None])
         out = jbond_loss(policy_lp, anchor_lp, policy_rewards.to(policy_lp.dtype), anchor_rewards,
                          anchor_sample_lp, beta=self.cfg.beta, gamma=self.cfg.gamma,
                          use_baseline=self.cfg.baseline)

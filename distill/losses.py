@@ -149,18 +149,25 @@ def _policy_gradient(policy_logprobs: Tensor, advantages: Tensor) -> Tensor:
 
 
 def jbond_reward(rewards: Tensor, anchor_rewards: Tensor) -> Tensor:
-    """The J-BOND reward r_J (docs/math.md §4 step 3; BOND paper Eq. 17).
+    """The J-BOND reward r_J (docs/math.md §4 step 3; BOND paper Eq. 17), from k >= 2 anchor samples.
+
+    With two anchor samples r_J is ``-log 16`` when r(y) < min(r(y'_1), r(y'_2)), else 0. With k,
+    it is that indicator averaged over all k(k-1)/2 pairs of anchor samples: ``-log 16 · m(m-1) /
+    (k(k-1))``, m the number of anchor samples whose reward exceeds r(y). Both have the same mean,
+    ``-log 16 · (1 - p≤(y))²`` (p≤ the anchor's quantile, ties as ≤); more pairs, less variance.
 
     Args:
         rewards: ``(P,)`` r(y) of the policy samples.
-        anchor_rewards: ``(P, 2)`` rewards of the two anchor samples of each prompt.
+        anchor_rewards: ``(P, k)`` rewards of the k anchor samples of each prompt.
 
     Returns:
-        ``(P,)`` float64: ``-log 16`` where r(y) < min(r(y'_1), r(y'_2)), else 0. Over the anchor
-        samples its mean is ``-log 16 · (1 - p≤(y))²``, p≤ the anchor's quantile, ties as ≤.
+        ``(P,)`` float64.
     """
-    worse_than_both = rewards < anchor_rewards.min(dim=1).values
-    return -JBOND_PENALTY * worse_than_both.to(torch.float64)
+    k = anchor_rewards.shape[-1]
+    if k < 2:
+        raise ValueError(f"r_J compares with pairs of anchor samples: needs k >= 2, got {k}")
+    above = (anchor_rewards > rewards.unsqueeze(-1)).sum(dim=-1).to(torch.float64)
+    return -JBOND_PENALTY * above * (above - 1) / (k * (k - 1))
 
 
 def jbond_loss(
@@ -176,21 +183,26 @@ def jbond_loss(
 ) -> LossOutput:
     """J-BOND loss of one step (docs/math.md §4, steps 2 to 5; BOND paper Algorithm 2).
 
-    Per prompt: one policy sample ``y ~ π`` and two anchor samples ``y'_1, y'_2 ~ π_anchor``.
+    Per prompt: one policy sample ``y ~ π`` and k >= 2 anchor samples ``y'_1..y'_k ~ π_anchor``
+    (the paper: k = 2). With k > 2 every pair of anchor samples stands in for the paper's one pair:
+    the same expected gradient, less variance (docs/math.md §4, "More anchor samples").
 
     Args:
         policy_logprobs: ``(P,)`` log π(y) of the policy sample, carries grad.
         anchor_logprobs: ``(P,)`` log π_anchor(y) of the policy sample (no grad).
         rewards: ``(P,)`` r(y).
-        anchor_rewards: ``(P, 2)`` r(y'_1), r(y'_2).
-        anchor_sample_logprobs: ``(P, 2)`` log π(y'_1), log π(y'_2) under the POLICY, carries grad;
-            only the better anchor sample's entry, ``best_and_worst(anchor_rewards).best``, is read.
+        anchor_rewards: ``(P, k)`` r(y'_1) .. r(y'_k).
+        anchor_sample_logprobs: ``(P, k)`` log π(y'_i) under the POLICY, carries grad; only the
+            entries of non-zero ``best_of_n_weights(anchor_rewards, 2)`` are read (k = 2: the better
+            sample, ``best_and_worst(anchor_rewards).best``; any k: all but the worst).
         beta: weight of the backward term, 1 - beta on the forward term (paper: 0.5).
         gamma: weight of the extra KL(π || π_anchor) regulariser (paper: 0 to 2).
         use_baseline: subtract from each return the mean return of the other prompts' samples
             (needs ``P >= 2``).
 
-    Equations (sg = stop-gradient, means over the P prompts):
+    Equations (sg = stop-gradient, means over the P prompts), written for k = 2; for k > 2 the
+    forward term and r_J average their k = 2 forms over the k(k-1)/2 pairs of anchor samples
+    (``best_of_n_weights`` with n = 2, ``jbond_reward``):
         forward   = -log π(y_best),   y_best = the better of y'_1, y'_2 (ties: y'_1)
         r_J(y)    = -log 16 if r(y) < min(r(y'_1), r(y'_2)) else 0
         R         = r_J(y) - (log π(y) - log π_anchor(y))
@@ -210,15 +222,18 @@ def jbond_loss(
     (num_prompts,) = policy_logprobs.shape
     _check_shape("anchor_logprobs", anchor_logprobs, (num_prompts,))
     _check_shape("rewards", rewards, (num_prompts,))
-    _check_shape("anchor_rewards", anchor_rewards, (num_prompts, 2))
-    _check_shape("anchor_sample_logprobs", anchor_sample_logprobs, (num_prompts, 2))
+    k = anchor_rewards.shape[-1] if anchor_rewards.dim() == 2 else 0
+    if k < 2:
+        raise ValueError(f"anchor_rewards has shape {tuple(anchor_rewards.shape)}, expected ({num_prompts}, k >= 2)")
+    _check_shape("anchor_rewards", anchor_rewards, (num_prompts, k))
+    _check_shape("anchor_sample_logprobs", anchor_sample_logprobs, (num_prompts, k))
     if not 0.0 <= beta <= 1.0 or gamma < 0.0:
         raise ValueError(f"J-BOND needs 0 <= beta <= 1 and gamma >= 0, got {beta=}, {gamma=}")
 
-    # Step 2, forward KL: SFT on the better anchor sample; a tie keeps y'_1.
-    best = best_and_worst(anchor_rewards).best
-    best_logprobs = anchor_sample_logprobs.gather(1, best.unsqueeze(1)).squeeze(1)
-    forward = -best_logprobs.mean()
+    # Step 2, forward KL: SFT on the better of two anchor samples (a tie keeps y'_1), averaged over
+    # all pairs of the k; a zero weight multiplies an entry the recipe did not score.
+    weights = best_of_n_weights(anchor_rewards, 2).to(anchor_sample_logprobs.dtype)
+    forward = -(weights * anchor_sample_logprobs).sum(dim=1).mean()
 
     # Step 3, backward KL: policy gradient on r_J with the anchor as KL reference.
     r_j = jbond_reward(rewards, anchor_rewards).to(policy_logprobs.dtype)

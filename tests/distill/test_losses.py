@@ -191,12 +191,36 @@ def test_jbond_reward_mean_is_minus_log16_times_one_minus_p_leq_squared():
     assert -math.log(16.0) * (1 - 0.5) ** 2 == pytest.approx(math.log(0.5))
 
 
+@pytest.mark.parametrize("k", [3, 4])
+def test_jbond_reward_from_k_anchor_samples_keeps_the_mean_and_lowers_the_variance(k):
+    """Averaged over all pairs of k anchor samples, r_J keeps its mean -log 16 · (1 - p≤)² (exact,
+    every k-tuple enumerated) and its variance over the anchor draws falls below the paper's k = 2."""
+    problem = Problem(seed=3)
+    _, p_leq = reward_cdf(problem.anchor, TIED_REWARDS)
+    moments = {}
+    for size in (2, k):
+        draws = tuples(*[M] * size)
+        weights = tuple_weights(draws, [problem.anchor] * size)
+        for y in range(M):
+            r_j = jbond_reward(TIED_REWARDS[[y]].expand(len(draws)), TIED_REWARDS[draws])
+            mean = float((weights * r_j).sum())
+            moments[size, y] = mean, float((weights * (r_j - mean) ** 2).sum())
+            assert mean == pytest.approx(-math.log(16.0) * (1 - float(p_leq[y])) ** 2, abs=1e-12)
+    for y in range(M):
+        if moments[2, y][1] > 1e-12:  # y not at the top or bottom of the anchor's rewards
+            assert moments[k, y][1] < moments[2, y][1]
+    # k = 2 is the paper's indicator: worse than both anchor samples
+    pair = torch.tensor([[1.0, 2.0], [1.0, 0.5], [0.5, 3.0]], dtype=DTYPE)
+    torch.testing.assert_close(jbond_reward(torch.full((3,), 0.7, dtype=DTYPE), pair),
+                               -math.log(16.0) * torch.tensor([1.0, 0.0, 0.0], dtype=DTYPE))
+
+
 # ----------------------------------------------------------------------------- J-BOND
 
 
-def _jbond_call(problem, beta, gamma, rewards):
-    combos = tuples(M, M, M)  # (y, y'_1, y'_2)
-    weights = tuple_weights(combos, [problem.log_pi(), problem.anchor, problem.anchor])
+def _jbond_call(problem, beta, gamma, rewards, k=2):
+    combos = tuples(*[M] * (1 + k))  # (y, y'_1, .., y'_k)
+    weights = tuple_weights(combos, [problem.log_pi()] + [problem.anchor] * k)
     leaves = Leaves(problem, weights)
     out = jbond_loss(
         leaves(combos[:, 0]),
@@ -212,10 +236,12 @@ def _jbond_call(problem, beta, gamma, rewards):
 
 
 @pytest.mark.parametrize("rewards", [TIED_REWARDS, KEYS], ids=["tied", "distinct"])
-@pytest.mark.parametrize("beta,gamma", [(0.5, 0.0), (0.0, 0.0), (1.0, 0.0), (0.3, 1.5)])
-def test_jbond_expected_gradient_is_jeffreys_to_best_of_2_of_the_anchor(rewards, beta, gamma):
+@pytest.mark.parametrize("beta,gamma,k", [(0.5, 0.0, 2), (0.0, 0.0, 2), (1.0, 0.0, 2), (0.3, 1.5, 2),
+                                          (0.5, 0.0, 3), (0.0, 0.0, 3), (1.0, 0.0, 3)])
+def test_jbond_expected_gradient_is_jeffreys_to_best_of_2_of_the_anchor(rewards, beta, gamma, k):
+    """With the paper's two anchor samples and with k = 3 (all pairs averaged): the same objective."""
     problem = Problem(seed=0)
-    leaves, out = _jbond_call(problem, beta, gamma, rewards)
+    leaves, out = _jbond_call(problem, beta, gamma, rewards, k)
     got = leaves.expected_gradient(out)
 
     p_less, p_leq = reward_cdf(problem.anchor, rewards)
@@ -311,7 +337,11 @@ def test_jbond_forward_term_trains_on_the_better_anchor_sample_and_keeps_the_fir
 def test_jbond_rejects_bad_shapes_and_a_lonely_baseline():
     x = torch.zeros(3)
     with pytest.raises(ValueError, match="anchor_rewards"):
+        jbond_loss(x, x, x, torch.zeros(3, 1), torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="anchor_sample_logprobs"):
         jbond_loss(x, x, x, torch.zeros(3, 3), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="k >= 2"):
+        jbond_reward(x, torch.zeros(3, 1))
     with pytest.raises(ValueError, match="P >= 2"):
         one = torch.zeros(1)
         jbond_loss(one, one, one, torch.zeros(1, 2), torch.zeros(1, 2))
@@ -513,6 +543,20 @@ def test_jbond_loss_reads_only_the_anchor_sample_that_the_recipe_scores():
 
     def loss_of(anchor_sample_logprobs):
         return jbond_loss(ys[0], ys[1], ys[2], anchor_rewards, anchor_sample_logprobs, beta=0.5)
+
+    _same_loss_and_gradient((full,), (_only(full, read),), read, loss_of)
+
+
+def test_jbond_loss_with_k_anchor_samples_reads_only_those_that_can_win_a_pair():
+    g = torch.Generator().manual_seed(23)
+    p, k = RECIPE_REWARDS.shape
+    full = torch.randn(p, k, generator=g, dtype=DTYPE).requires_grad_(True)
+    read = best_of_n_weights(RECIPE_REWARDS, 2) > 0  # what distill/jbond.py scores
+    assert (read.sum(dim=1) == k - 1).all()
+    ys = torch.randn(3, p, generator=g, dtype=DTYPE)
+
+    def loss_of(anchor_sample_logprobs):
+        return jbond_loss(ys[0], ys[1], ys[2], RECIPE_REWARDS, anchor_sample_logprobs, beta=0.5)
 
     _same_loss_and_gradient((full,), (_only(full, read),), read, loss_of)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,19 @@ def test_every_recipe_changes_every_trainable_parameter_and_writes_its_run(
     assert [r["step"] for r in evals] == [0, 1, 2, 3]
     assert (out / "checkpoint" / "state.pt").exists() and (out / "policy" / "adapter_config.json").exists()
     assert list((out / "tensorboard").iterdir())
+
+
+def test_jbond_with_more_anchor_samples_trains_every_parameter(tiny_model_path, tmp_path):
+    cfg = JBondConfig(**small(tiny_model_path, tmp_path, steps=2, eval_prompts=0, anchor_samples=3))
+    recipe = JBond(cfg)
+    ctx = build_context(cfg, recipe)
+    before = trainable_snapshot(ctx)
+    out = train(cfg, recipe, ctx)
+    assert all(not torch.equal(before[n], p.detach()) for n, p in ctx.policies.model.named_parameters() if n in before)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["forward"]) for r in rows)
+    with pytest.raises(ValueError, match="anchor_samples >= 2"):
+        JBondConfig(**small(tiny_model_path, tmp_path, anchor_samples=1))
 
 
 def test_first_evaluation_compares_the_reference_with_itself(tiny_model_path, tmp_path):
