@@ -49,6 +49,14 @@ LABELS["jbond-default"] = "J-BOND default: 24 steps (reports/jbond-default/)"
 LABELS["jbond-linear"] = "J-BOND, 24 steps, lr decayed linearly (reports/jbond-default/)"
 OTHERS["jbond-drift"] = "jbond-drift-policy"
 LABELS["jbond-drift"] = "J-BOND default under a random reward: drift (reports/jbond-default/drift/)"
+# Stop 22: the default again on the AVX2 machine and with seed 1 (run-to-run spread), and three variants of it
+for _name, _label in [("jbond-default-avx2", "J-BOND default, seed 0, AVX2 fp32 (stop 22)"),
+                      ("jbond-seed1", "J-BOND default, seed 1, AVX2 fp32 (stop 22)"),
+                      ("jbond-b16x24", "J-BOND, 16 prompts a step (stop 22)"),
+                      ("jbond-k4", "J-BOND, 4 anchor samples a prompt (stop 22)"),
+                      ("jbond-lora-all", "J-BOND, LoRA on all 30 layers (stop 22)")]:
+    OTHERS[_name] = ("jbond-default" if _name == "jbond-default-avx2" else _name) + "-policy"
+    LABELS[_name] = _label
 # The long configuration's path: the snapshots `distill/configs/jbond_long.yaml` keeps every 24 steps
 LONG_STEPS = (24, 48, 72, 96, 120)
 for _step in LONG_STEPS:
