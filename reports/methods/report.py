@@ -174,7 +174,7 @@ def plot(summary: pd.DataFrame, table: pd.DataFrame, path: Path) -> None:
 
     front_kl, front_r = bon_front(summary)
     ns = bon_rows(summary)["n"].tolist()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [1, 1.2]})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 7.5), gridspec_kw={"width_ratios": [1, 1.2]})
     for ax, zoom in zip(axes, (False, True)):
         ax.plot(front_kl, front_r, "k-o", label="Best-of-N (analytic KL)")
         for n, x, y in zip(ns, front_kl, front_r):
@@ -196,11 +196,12 @@ def plot(summary: pd.DataFrame, table: pd.DataFrame, path: Path) -> None:
             ax.set_xlim(-0.02, 0.45)
             ax.set_ylim(0.05, 0.33)
             ax.set_title("the start of the front")
-            ax.legend(fontsize=7, loc="lower right")
+            # below both panels, so that no point of the crowded start hides behind it
+            fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="lower center", ncol=3)
         else:
             ax.set_ylabel("mean reward of one answer (40 test prompts)")
             ax.set_title(f"every method after {STEPS} steps × 8 prompts; J-BOND also at 24–120")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -217,6 +218,10 @@ def main(pool: Path) -> None:
     text = render(summary, table, reference)
     (HERE / "README.md").write_text(text)
     print(text)
+
+
+def front_gap(gap: float) -> str:
+    return "beyond the front's end" if np.isnan(gap) else f"{gap:+.3f}"
 
 
 def render(summary: pd.DataFrame, table: pd.DataFrame, reference: dict) -> str:
@@ -240,7 +245,7 @@ def render(summary: pd.DataFrame, table: pd.DataFrame, reference: dict) -> str:
         minutes = "" if np.isnan(r["train_minutes"]) else f"{r['train_minutes']:.1f} ({r['threads']})"
         lines.append(f"| {r['method']} | {answers} | {minutes} | "
                      f"{r['reward']:.3f} | {r['win_rate']:.3f} [{r['win_low']:.3f}, {r['win_high']:.3f}] | "
-                     f"{r['kl']:.3f} ± {r['kl_se']:.3f} | {r['vs_bon_front']:+.3f} | {r['verdict']} |")
+                     f"{r['kl']:.3f} ± {r['kl_se']:.3f} | {front_gap(r['vs_bon_front'])} | {r['verdict']} |")
     groups = {v: table.loc[table["verdict"] == v, "method"].tolist() for v in ("above", "below", "within noise")}
     lines += ["",
               "`vs BoN front`: the method's reward minus Best-of-N's at the same KL, on the straight lines between",
@@ -248,7 +253,10 @@ def render(summary: pd.DataFrame, table: pd.DataFrame, reference: dict) -> str:
               "clears the front over the whole 95% interval of its KL.",
               "",
               f"- Point estimates: {int((table['vs_bon_front'] < 0).sum())} of {len(table)} below the front, "
-              f"{int((table['vs_bon_front'] >= 0).sum())} on or above it.",
+              f"{int((table['vs_bon_front'] >= 0).sum())} on or above it"
+              + (f", {int(table['vs_bon_front'].isna().sum())} at a KL beyond the largest N's (no front to compare "
+                 "the point with; its verdict compares its interval with the front's end)."
+                 if table["vs_bon_front"].isna().any() else "."),
               f"- Above Best-of-N's front: {', '.join(groups['above']) or 'none'}.",
               f"- Below it: {', '.join(groups['below']) or 'none'}.",
               f"- Within noise of it: {', '.join(groups['within noise']) or 'none'}.",
