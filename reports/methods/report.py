@@ -54,7 +54,8 @@ for _name, _label in [("jbond-default-avx2", "J-BOND default, seed 0, AVX2 fp32 
                       ("jbond-seed1", "J-BOND default, seed 1, AVX2 fp32 (stop 22)"),
                       ("jbond-b16x24", "J-BOND, 16 prompts a step (stop 22)"),
                       ("jbond-k4", "J-BOND, 4 anchor samples a prompt (stop 22)"),
-                      ("jbond-lora-all", "J-BOND, LoRA on all 30 layers (stop 22)")]:
+                      ("jbond-lora-all", "J-BOND, LoRA on all 30 layers (stop 22)"),
+                      ("jbond-gamma1", "J-BOND, γ = 1 (stop 22)")]:
     OTHERS[_name] = ("jbond-default" if _name == "jbond-default-avx2" else _name) + "-policy"
     LABELS[_name] = _label
 # The long configuration's path: the snapshots `distill/configs/jbond_long.yaml` keeps every 24 steps
