@@ -68,12 +68,11 @@ class Bond:
         kwargs = {}
         if cfg.beta < 1:
             # Only samples that can be a Best-of-n winner carry weight; score just those with grad.
-            weights = best_of_n_weights(ref_rewards, cfg.n)
-            pairs = [(i, j) for i in range(p) for j in range(cfg.k) if weights[i, j] > 0]
+            read = best_of_n_weights(ref_rewards, cfg.n) > 0
+            pairs = read.nonzero().tolist()  # row-major, the order masked_scatter fills
             lp = ctx.policies.logprobs("policy", [batch.ids[i] for i, _ in pairs],
                                        [refs[i][j].token_ids for i, j in pairs], grad=True)
-            ref_sample_lp = torch.zeros(p, cfg.k, dtype=lp.dtype).index_put(
-                (torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs])), lp)
+            ref_sample_lp = torch.zeros(p, cfg.k, dtype=lp.dtype).masked_scatter(read, lp)
             kwargs.update(ref_sample_logprobs=ref_sample_lp, ref_rewards=ref_rewards)
         if cfg.beta > 0:
             # log pi_target(y) is read as y is drawn (a shadow row per sample), not in a pass of its own.

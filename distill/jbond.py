@@ -82,14 +82,13 @@ class JBond:
         rewards = ctx.score(batch.messages + [m for m in batch.messages for _ in range(k)], texts)
         policy_rewards, anchor_rewards = rewards[:p], rewards[p:].view(p, k)
         # The forward term reads log pi of the anchor samples that can win a pair: score those only.
-        weights = best_of_n_weights(anchor_rewards, 2)
-        pairs = [(i, j) for i in range(p) for j in range(k) if weights[i, j] > 0]
+        read = best_of_n_weights(anchor_rewards, 2) > 0
+        pairs = read.nonzero().tolist()  # row-major, the order masked_scatter fills
         with_grad = ctx.policies.logprobs("policy", batch.ids + [batch.ids[i] for i, _ in pairs],
                                           [c.token_ids for c in ys] + [anchors[i][j].token_ids for i, j in pairs],
                                           grad=True)
         policy_lp = with_grad[:p]
-        anchor_sample_lp = torch.zeros(p, k, dtype=with_grad.dtype).index_put(
-            (torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs])), with_grad[p:])
+        anchor_sample_lp = torch.zeros(p, k, dtype=with_grad.dtype).masked_scatter(read, with_grad[p:])
         anchor_lp = torch.tensor([c.logprob_under["anchor"] for c in ys], dtype=policy_lp.dtype)
         out = jbond_loss(policy_lp, anchor_lp, policy_rewards.to(policy_lp.dtype), anchor_rewards,
                          anchor_sample_lp, beta=self.cfg.beta, gamma=self.cfg.gamma,
