@@ -16,7 +16,10 @@ random adapters, every layer under autocast moved the log-ratios by 0.17 on aver
 without autocast (a bf16 residual stream) by 0.33, where the KL to the anchor early in a run is
 about 0.05: too coarse for the losses. The same benchmark measured what it buys on a shared 2-core
 CPU: the log-prob passes 1.46x faster, sampling hardly (small decoding batches), the default J-BOND
-step 0.94x the fp32 time.
+step 0.94x the fp32 time. Sampling gained nothing then because the decoding attention ran its
+autocast bf16 products without oneDNN; since it asks which dtype its products run in
+(``bonbench.backends.shared_prefix.product_dtype``), a J-BOND sampling call on a 2-core AMX Xeon
+takes half the time (``reports/bench/trainer-sampling.md``).
 
 ``auto`` picks bf16 where it is native (``bonbench.hardware.native_bf16``, the one home for that
 check), fp32 elsewhere: a CPU without native bf16 emulates bf16 matrix products, slower than fp32.

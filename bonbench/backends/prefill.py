@@ -22,6 +22,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from bonbench.backends.lora_stack import stacked_adapters
+
 
 @dataclass
 class Prefilled:
@@ -31,11 +33,15 @@ class Prefilled:
 
 
 def forward_with_adapters(model, adapters: list[str] | None, cache=None, **kw):
-    """``model(**kw)``, with PEFT's per-row ``adapter_names`` when ``adapters`` is given and the KV
-    ``cache`` under the keyword the model's forward takes (``cache_keyword``)."""
+    """``model(**kw)``, row ``i`` under PEFT adapter ``adapters[i]`` when ``adapters`` is given (through
+    ``bonbench.backends.lora_stack``, else PEFT's ``adapter_names``), and the KV ``cache`` under the
+    keyword the model's forward takes (``cache_keyword``)."""
     if cache is not None:
         kw[cache_keyword(model)] = cache
-    return model(**kw, adapter_names=adapters) if adapters is not None else model(**kw)
+    if adapters is None:
+        return model(**kw)
+    with stacked_adapters(model, adapters) as stacked:
+        return model(**kw) if stacked else model(**kw, adapter_names=adapters)
 
 
 def cache_keyword(model) -> str:

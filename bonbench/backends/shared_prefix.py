@@ -52,9 +52,30 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     # In float32, oneDNN builds a kernel for every new shape it sees, and these shapes change at every
     # step: the first pass through a run's lengths took 30x longer with it than without it. In bfloat16
     # it is the fast path (AMX): without it these products took half of a 64-row step (152 -> 388
-    # tokens/s with it, warm or cold, on the engine benchmark's Best-of-8).
-    with torch.backends.mkldnn.flags(enabled=query.dtype == torch.bfloat16):
+    # tokens/s with it, warm or cold, on the engine benchmark's Best-of-8). What counts is the dtype the
+    # products run in: under bf16 autocast (distill/precision.py's trunk) a float32 query (rotary
+    # embeddings promote it) is multiplied in bf16, and without oneDNN those products took 60% of a
+    # J-BOND step's sampling on an AMX machine.
+    with onednn(product_dtype(query) == torch.bfloat16):
         return _decode_attention(module.layer_idx, query, key, value, attention_mask, scaling, shared_prefix)
+
+
+@contextlib.contextmanager
+def onednn(enabled: bool) -> Iterator[None]:
+    """oneDNN on or off for the block, and nothing else (``torch.backends.mkldnn.flags`` also sets
+    the TF32 flag, which warns on every call on a CPU build)."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def product_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a matrix product of ``tensor`` runs in: autocast's where it is on for its device."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
 
 
 def _decode_attention(layer_idx, query, key, value, attention_mask, scaling, c: SharedPrefixCache):

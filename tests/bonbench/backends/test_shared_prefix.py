@@ -3,11 +3,14 @@ copy of its keys and values, and the batch bookkeeping that rows joining and lea
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 from transformers.cache_utils import Cache
 
 from bonbench.backends.kv import BufferLayer
-from bonbench.backends.shared_prefix import SharedPrefixCache, shared_prefix_attention
+from bonbench.backends.shared_prefix import SharedPrefixCache, product_dtype, shared_prefix_attention
 
 HEADS, KV_HEADS, DIM, LAYERS = 6, 2, 8, 1
 
@@ -37,7 +40,9 @@ def _brute_force(query, prefixes, own_keys, own_values, own_mask):
     return torch.stack(out)
 
 
-def test_attention_over_one_shared_copy_equals_attention_over_each_rows_own_copy():
+# bf16 autocast (distill/precision.py's trunk): float32 inputs, products in bf16 through oneDNN
+@pytest.mark.parametrize("autocast", [False, True])
+def test_attention_over_one_shared_copy_equals_attention_over_each_rows_own_copy(autocast):
     g = torch.Generator().manual_seed(0)
     cache = SharedPrefixCache()
     prompts = [_prefilled(g, 2, 5), _prefilled(g, 1, 9), _prefilled(g, 1, 3)]
@@ -58,9 +63,20 @@ def test_attention_over_one_shared_copy_equals_attention_over_each_rows_own_copy
     cache.suffix_mask[[1, 6], 0] = 0  # as if two rows had joined a step later
     query = torch.randn(cache.rows, HEADS, 1, DIM, generator=g)
     mask4d = cache.suffix_mask.bool()[:, None, None, :]
-    out, _ = shared_prefix_attention(_Attention(), query, keys, values, mask4d, shared_prefix=cache)
+    with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+        out, _ = shared_prefix_attention(_Attention(), query, keys, values, mask4d, shared_prefix=cache)
     expected = _brute_force(query, prefixes, keys, values, cache.suffix_mask)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    tolerance = 3e-2 if autocast else 1e-5  # bf16 keeps 8 bits of mantissa
+    torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
+
+
+def test_the_products_dtype_is_autocasts_where_it_is_on():
+    x = torch.zeros(2, dtype=torch.float32)
+    assert product_dtype(x) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert product_dtype(x) == torch.bfloat16
+        assert (x[:, None] @ x[None, :]).dtype == torch.bfloat16  # what the rule stands on
+    assert product_dtype(x.bfloat16()) == torch.bfloat16
 
 
 def test_selecting_rows_drops_groups_left_empty_and_padding_no_row_needs():
