@@ -49,14 +49,18 @@ LABELS["jbond-default"] = "J-BOND default: 24 steps (reports/jbond-default/)"
 LABELS["jbond-linear"] = "J-BOND, 24 steps, lr decayed linearly (reports/jbond-default/)"
 OTHERS["jbond-drift"] = "jbond-drift-policy"
 LABELS["jbond-drift"] = "J-BOND default under a random reward: drift (reports/jbond-default/drift/)"
-# Stop 22: the default again on the AVX2 machine and with seed 1 (run-to-run spread), and three variants of it
+# Stops 22-23: the default again (AVX2, seed 1, an AMX machine before and after stop 23's sampling fixes) and variants
 for _name, _slug, _label in [
         ("jbond-default-avx2", "jbond-default-policy", "J-BOND default, seed 0, AVX2 fp32 (stop 22)"),
         ("jbond-seed1", "jbond-seed1-policy", "J-BOND default, seed 1, AVX2 fp32 (stop 22)"),
         ("jbond-b16x24", "jbond-b16x24-policy", "J-BOND, 16 prompts a step (stop 22)"),
         ("jbond-k4", "jbond-k4-policy", "J-BOND, 4 anchor samples a prompt (stop 22)"),
         ("jbond-lora-all", "jbond-lora-all-policy", "J-BOND, LoRA on all 30 layers (stop 22)"),
-        ("jbond-gamma1", "jbond-gamma1-policy", "J-BOND, γ = 1 (stop 22)")]:
+        ("jbond-gamma1", "jbond-gamma1-policy", "J-BOND, γ = 1 (stop 22)"),
+        ("jbond-amx", "jbond-amx-policy", "J-BOND default, seed 0, AMX bf16 trunk (stop 23)"),
+        ("jbond-amx-fast", "jbond-amx-fast-policy", "J-BOND default, seed 0, AMX, faster sampling (stop 23)"),
+        ("jbond-s48-lr5e-4", "jbond-s48-lr5e-4-policy", "J-BOND, 48 steps at lr 5e-4 (stop 23)"),
+        ("jbond-s48-lr7e-4", "jbond-s48-lr7e-4-policy", "J-BOND, 48 steps at lr 7e-4 (stop 23)")]:
     OTHERS[_name], LABELS[_name] = _slug, _label
 # The long configuration's path: the snapshots `distill/configs/jbond_long.yaml` keeps every 24 steps
 LONG_STEPS = (24, 48, 72, 96, 120)
