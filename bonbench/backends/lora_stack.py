@@ -115,6 +115,9 @@ def stacked_adapters(model: torch.nn.Module, adapters: Sequence[str]) -> Iterato
     passes ``adapter_names`` to PEFT instead."""
     layers = lora_layers(model)
     names = tuple(dict.fromkeys(a for a in adapters if a != BASE))
+    known = {a for layer in layers for a in layer.lora_A}
+    if layers and set(names) - known:  # PEFT refuses these too; unchecked, their rows would run as the base
+        raise ValueError(f"no adapter named {sorted(set(names) - known)}: the model has {sorted(known)}")
     if torch.is_grad_enabled() or not layers or not all(_stackable(layer, names) for layer in layers):
         yield False
         return

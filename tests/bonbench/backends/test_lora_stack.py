@@ -80,6 +80,13 @@ def test_a_weight_update_between_passes_is_seen(lora):
         factor.copy_(saved)
 
 
+def test_an_unknown_adapter_is_refused(lora):
+    model, tokenizer = lora
+    with pytest.raises(ValueError, match="no adapter named \\['c'\\]"):
+        forward_with_adapters(model, ["a", "c"], input_ids=ids(tokenizer, 2))
+    assert all("forward" not in layer.__dict__ for layer in lora_layers(model))
+
+
 def test_with_gradients_on_peft_computes_the_pass(lora):
     model, tokenizer = lora
     x = ids(tokenizer, len(ROWS))
