@@ -60,7 +60,8 @@ for _name, _slug, _label in [
         ("jbond-amx", "jbond-amx-policy", "J-BOND default, seed 0, AMX bf16 trunk (stop 23)"),
         ("jbond-amx-fast", "jbond-amx-fast-policy", "J-BOND default, seed 0, AMX, faster sampling (stop 23)"),
         ("jbond-s48-lr5e-4", "jbond-s48-lr5e-4-policy", "J-BOND, 48 steps at lr 5e-4 (stop 23)"),
-        ("jbond-s48-lr7e-4", "jbond-s48-lr7e-4-policy", "J-BOND, 48 steps at lr 7e-4 (stop 23)")]:
+        ("jbond-s48-lr7e-4", "jbond-s48-lr7e-4-policy", "J-BOND, 48 steps at lr 7e-4 (stop 23)"),
+        ("jbond-s48-lr5e-4-seed1", "jbond-s48-lr5e-4-seed1-policy", "J-BOND, 48 steps at lr 5e-4, seed 1 (stop 23)")]:
     OTHERS[_name], LABELS[_name] = _slug, _label
 # The long configuration's path: the snapshots `distill/configs/jbond_long.yaml` keeps every 24 steps
 LONG_STEPS = (24, 48, 72, 96, 120)
