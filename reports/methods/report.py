@@ -49,7 +49,7 @@ LABELS["jbond-default"] = "J-BOND default: 24 steps (reports/jbond-default/)"
 LABELS["jbond-linear"] = "J-BOND, 24 steps, lr decayed linearly (reports/jbond-default/)"
 OTHERS["jbond-drift"] = "jbond-drift-policy"
 LABELS["jbond-drift"] = "J-BOND default under a random reward: drift (reports/jbond-default/drift/)"
-# Stops 22-23: the default again (AVX2, seed 1, an AMX machine before and after stop 23's sampling fixes) and variants
+# Stops 22-24: the default again (AVX2, seed 1, an AMX machine before and after stop 23's sampling fixes) and variants
 for _name, _slug, _label in [
         ("jbond-default-avx2", "jbond-default-policy", "J-BOND default, seed 0, AVX2 fp32 (stop 22)"),
         ("jbond-seed1", "jbond-seed1-policy", "J-BOND default, seed 1, AVX2 fp32 (stop 22)"),
@@ -61,7 +61,17 @@ for _name, _slug, _label in [
         ("jbond-amx-fast", "jbond-amx-fast-policy", "J-BOND default, seed 0, AMX, faster sampling (stop 23)"),
         ("jbond-s48-lr5e-4", "jbond-s48-lr5e-4-policy", "J-BOND, 48 steps at lr 5e-4 (stop 23)"),
         ("jbond-s48-lr7e-4", "jbond-s48-lr7e-4-policy", "J-BOND, 48 steps at lr 7e-4 (stop 23)"),
-        ("jbond-s48-lr5e-4-seed1", "jbond-s48-lr5e-4-seed1-policy", "J-BOND, 48 steps at lr 5e-4, seed 1 (stop 23)")]:
+        ("jbond-s48-lr5e-4-seed1", "jbond-s48-lr5e-4-seed1-policy", "J-BOND, 48 steps at lr 5e-4, seed 1 (stop 23)"),
+        ("jbond-top4", "jbond-top4-policy", "J-BOND, LoRA on the top 4 layers (stop 24)"),
+        ("jbond-top4-seed1", "jbond-top4-seed1-policy", "J-BOND, LoRA on the top 4 layers, seed 1 (stop 24)"),
+        ("jbond-top4-s36", "jbond-top4-s36-policy", "J-BOND, LoRA on the top 4 layers, 36 steps (stop 24)"),
+        ("jbond-top4-eta0.1", "jbond-top4-eta0.1-policy", "J-BOND, LoRA on the top 4 layers, η = 0.1 (stop 24)"),
+        ("jbond-top4-eta0.1-seed1", "jbond-top4-eta0.1-seed1-policy",
+         "J-BOND, LoRA on the top 4 layers, η = 0.1, seed 1 (stop 24)"),
+        ("jbond-r8", "jbond-r8-policy", "J-BOND, LoRA r8 on the top 8 layers (stop 24)"),
+        ("jbond-top2", "jbond-top2-policy", "J-BOND, LoRA on the top 2 layers (stop 24)"),
+        ("jbond-drift-top4", "jbond-drift-top4-policy",
+         "J-BOND, LoRA on the top 4 layers, under a random reward: drift (stop 24)")]:
     OTHERS[_name], LABELS[_name] = _slug, _label
 # The long configuration's path: the snapshots `distill/configs/jbond_long.yaml` keeps every 24 steps
 LONG_STEPS = (24, 48, 72, 96, 120)
