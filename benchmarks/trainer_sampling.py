@@ -5,17 +5,16 @@ samples each prompt under two adapters: J-BOND draws the policy (with a shadow r
 the anchor) and the anchor; RLOO and BOND draw the policy with a shadow row under the reference.
 Each way below restores one earlier state of the engine for the length of its calls:
 
-  now               the engine as it is;
-  peft-adapters     the adapters' rows through PEFT's ``adapter_names`` (a loop over the adapters in
-                    every LoRA layer) instead of the stacked factors of ``bonbench.backends.lora_stack``;
-  onednn-by-query   the decoding attention's products choose oneDNN by the query's dtype, not by the
-                    dtype they run in (``shared_prefix.product_dtype``): under the bf16 trunk's autocast
-                    a float32 query is multiplied in bf16 without oneDNN;
-  before            both of the two above: the engine before they changed;
-  trunk-per-adapter every adapter's prefill runs the layers below the adapters too
-                    (before ``bonbench.backends.trunk``);
-  sampler           the ceiling: bonbench's sampler on the policy alone, as many drawn rows per prompt
-                    as the draw has (no shadow rows, no second adapter).
+  now                 the engine as it is;
+  peft-adapters       the adapters' rows through PEFT's ``adapter_names`` (a loop over the adapters in
+                      every LoRA layer) instead of the stacked factors of ``bonbench.backends.lora_stack``;
+  explicit-attention  the decoding attention as explicit products, a log-sum-exp and a softmax over the
+                      whole score matrix (``shared_prefix._attend_explicit``, the engine before stop 25)
+                      instead of torch's fused CPU kernel;
+  trunk-per-adapter   every adapter's prefill runs the layers below the adapters too
+                      (before ``bonbench.backends.trunk``);
+  sampler             the ceiling: bonbench's sampler on the policy alone, as many drawn rows per prompt
+                      as the draw has (no shadow rows, no second adapter).
 
 The ways run interleaved ``--repeats`` times on the very generator ``distill`` builds
 (``TransformersGenerator`` over ``Policies``, the frozen trunk in bf16 where ``--precision auto``
@@ -47,7 +46,7 @@ import torch  # noqa: E402
 from bonbench.cli import run_command  # noqa: E402
 from bonbench.config import option, parse_config  # noqa: E402
 
-WAYS = ("before", "peft-adapters", "onednn-by-query", "now", "sampler", "trunk-per-adapter")
+WAYS = ("explicit-attention", "peft-adapters", "now", "sampler", "trunk-per-adapter")
 
 
 @dataclass
@@ -57,7 +56,7 @@ class SamplingBenchConfig:
     max_tokens: int = option(40, "most tokens per answer (1: the prefill alone)")
     lora_top_layers: int = option(8, "LoRA on the top L layers (distill's default)")
     precision: str = option("auto", "distill's --precision: auto (bf16 trunk where the CPU computes bf16), fp32, bf16")
-    ways: list[str] = option(["before", "peft-adapters", "onednn-by-query", "now", "sampler"],
+    ways: list[str] = option(["explicit-attention", "now", "sampler"],
                              f"what to time, interleaved: any of {', '.join(WAYS)}")
     draws: list[str] = option(["jbond", "rloo"], "which trainer's draw: jbond, rloo")
     repeats: int = option(3, "timed calls per way and draw, interleaved")
@@ -89,9 +88,8 @@ def _way(name: str) -> contextlib.AbstractContextManager:
     import bonbench.backends.shared_prefix as shared_prefix
 
     ways = {"peft-adapters": [(prefill, "stacked_adapters", _no_stack)],
-            "onednn-by-query": [(shared_prefix, "product_dtype", lambda t: t.dtype)],
+            "explicit-attention": [(shared_prefix, "_attend", shared_prefix._attend_explicit)],
             "trunk-per-adapter": [(engine, "first_adapted_layer", lambda model: 0)]}
-    ways["before"] = ways["peft-adapters"] + ways["onednn-by-query"]
     stack = contextlib.ExitStack()
     for module, attr, value in ways.get(name, []):
         stack.enter_context(patch.object(module, attr, value))
@@ -193,8 +191,9 @@ def _table(cfg: SamplingBenchConfig, results: dict, machine: str) -> str:
         if "now" in tps and "sampler" in tps:
             lines.append(f"- {name}: sampling now at {tps['now'] / tps['sampler']:.2f}x the sampler's tokens/s alone "
                          f"(issue 13's target: >= 0.8x)")
-        if "now" in tps and "before" in tps:
-            lines.append(f"- {name}: now {r['median_s']['before'] / r['median_s']['now']:.2f}x faster than before")
+        for way in (w for w in cfg.ways if w not in ("now", "sampler")):
+            if "now" in tps:
+                lines.append(f"- {name}: now {r['median_s'][way] / r['median_s']['now']:.2f}x faster than {way}")
     return "\n".join(lines) + "\n"
 
 

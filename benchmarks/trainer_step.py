@@ -8,6 +8,8 @@ In one process, on the same model, prompts and reward, one after the other:
                 TRL's defaults otherwise, gradient checkpointing included;
   trl-nogc      the same without gradient checkpointing (``distill`` does not checkpoint either);
   rloo          ``python -m distill.rloo``'s trainer with the same settings (``--lora-top-layers 0``);
+  rloo-shadows  the same, its reference log-probs read by shadow rows while it samples (what the engine
+                did with LoRA on every layer before stop 25) instead of a teacher-forced pass after it;
   sampler       bonbench's in-process sampler alone, on the same rows (no adapters, no training):
                 the ceiling for a step's sampling;
   jbond-fp32    the default J-BOND step (``python -m distill.jbond``'s config), ``--precision fp32``;
@@ -21,7 +23,7 @@ counted), and where the step's time went: sampling, reward, log-prob passes (wit
 gradient), backward, anchor update. The table goes to stdout and ``reports/bench/<--out>.md``
 (raw numbers in ``.json``).
 
-    python benchmarks/trainer_step.py                          # embedded SmolLM2-135M, CPU, ~10 min on 2 cores
+    python benchmarks/trainer_step.py                          # embedded SmolLM2-135M, CPU, ~12 min on 2 cores
     python benchmarks/trainer_step.py --parts trl trl-nogc     # TRL with its default gradient checkpointing too
     python benchmarks/trainer_step.py --model <tiny folder> --steps 2
     python benchmarks/trainer_step.py --parts rloo jbond-fp32 jbond-bf16 --device cuda
@@ -46,7 +48,7 @@ import torch  # noqa: E402
 from bonbench.cli import run_command  # noqa: E402
 from bonbench.config import option, parse_config  # noqa: E402
 
-PARTS = ("trl", "trl-nogc", "rloo", "sampler", "jbond-fp32", "jbond-bf16")
+PARTS = ("trl", "trl-nogc", "rloo", "rloo-shadows", "sampler", "jbond-fp32", "jbond-bf16")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -292,6 +294,10 @@ def ratios(results: dict) -> list[str]:
         in_step = ours["tokens_per_step"] / ours["split"]["sample_s"]
         out.append(f"sampling inside distill's RLOO step {in_step:.1f} tokens/s / the sampler alone "
                    f"{alone['tokens_per_s']:.1f} tokens/s = {in_step / alone['tokens_per_s']:.2f}x (target >= 0.8x)")
+    if "rloo" in results and "rloo-shadows" in results:
+        a, b = results["rloo-shadows"], results["rloo"]
+        out.append(f"RLOO's reference log-probs: shadow rows {a['s_per_step']:.2f} s/step, a teacher-forced pass "
+                   f"{b['s_per_step']:.2f} s/step: {a['s_per_step'] / b['s_per_step']:.2f}x")
     if "jbond-fp32" in results and "jbond-bf16" in results:
         a, b = results["jbond-fp32"], results["jbond-bf16"]
         out.append(f"J-BOND default step: fp32 {a['s_per_step']:.2f} s, bf16 {b['s_per_step']:.2f} s: "
@@ -312,7 +318,11 @@ def _machine(cfg: BenchConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import contextlib
     import logging
+    from unittest.mock import patch  # the rloo-shadows part restores the engine's earlier rule
+
+    import distill.transformers_generation as transformers_generation
 
     logging.basicConfig(level=logging.WARNING)
     cfg = parse_config(BenchConfig, argv, prog="python benchmarks/trainer_step.py", description=__doc__.split("\n\n")[0])
@@ -327,8 +337,10 @@ def main(argv: list[str] | None = None) -> None:
             results[part] = bench_trl(cfg, prompts, gradient_checkpointing=part == "trl")
         elif part == "sampler":
             results[part] = bench_sampler(cfg, prompts)
-        elif part == "rloo":
-            results[part], ctx = bench_distill(cfg, "rloo")
+        elif part.startswith("rloo"):
+            with patch.object(transformers_generation, "shadow_rows_pay", lambda module: True) \
+                    if part == "rloo-shadows" else contextlib.nullcontext():
+                results[part], ctx = bench_distill(cfg, "rloo")
             ctx.close()
         else:
             results[part], contexts[part] = bench_distill(cfg, "jbond", precision=part.split("-")[1])

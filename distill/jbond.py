@@ -18,7 +18,7 @@ Cost: with LoRA a step is one sampling batch (policy and anchor rows together, p
 per policy sample that reads log pi_anchor(y) as y is drawn) and one gradient pass in which each
 prompt runs once for its scored answers (two with the paper's k = 2).
 
-    python -m distill.jbond                                      # 2-core CPU: 10 min (AMX, bf16), 13 (AVX2, fp32)
+    python -m distill.jbond                                      # 2-core CPU: 8 min (AMX, bf16), 13 (AVX2, fp32)
     python -m distill.jbond --model Qwen/Qwen2.5-0.5B-Instruct --device cuda --batch-prompts 64
     accelerate launch --config_file distill/configs/accelerate_ddp.yaml -m distill.jbond --config distill/configs/jbond.yaml
     torchrun --nproc_per_node 2 -m distill.jbond --device cpu      # DDP over gloo, no GPU needed

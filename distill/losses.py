@@ -170,6 +170,22 @@ def jbond_reward(rewards: Tensor, anchor_rewards: Tensor) -> Tensor:
     return -JBOND_PENALTY * above * (above - 1) / (k * (k - 1))
 
 
+def _check_jbond_inputs(policy_logprobs, anchor_logprobs, rewards, anchor_rewards, anchor_sample_logprobs,
+                        beta: float, gamma: float) -> int:
+    """``jbond_loss``'s shapes ((P,) per prompt, (P, k >= 2) per anchor sample) and weights; returns P."""
+    (num_prompts,) = policy_logprobs.shape
+    _check_shape("anchor_logprobs", anchor_logprobs, (num_prompts,))
+    _check_shape("rewards", rewards, (num_prompts,))
+    k = anchor_rewards.shape[-1] if anchor_rewards.dim() == 2 else 0
+    if k < 2:
+        raise ValueError(f"anchor_rewards has shape {tuple(anchor_rewards.shape)}, expected ({num_prompts}, k >= 2)")
+    _check_shape("anchor_rewards", anchor_rewards, (num_prompts, k))
+    _check_shape("anchor_sample_logprobs", anchor_sample_logprobs, (num_prompts, k))
+    if not 0.0 <= beta <= 1.0 or gamma < 0.0:
+        raise ValueError(f"J-BOND needs 0 <= beta <= 1 and gamma >= 0, got {beta=}, {gamma=}")
+    return num_prompts
+
+
 def jbond_loss(
     policy_logprobs: Tensor,
     anchor_logprobs: Tensor,
@@ -200,9 +216,8 @@ def jbond_loss(
         use_baseline: subtract from each return the mean return of the other prompts' samples
             (needs ``P >= 2``).
 
-    Equations (sg = stop-gradient, means over the P prompts), written for k = 2; for k > 2 the
-    forward term and r_J average their k = 2 forms over the k(k-1)/2 pairs of anchor samples
-    (``best_of_n_weights`` with n = 2, ``jbond_reward``):
+    Equations (sg = stop-gradient, means over the P prompts) for k = 2; for k > 2 the forward term
+    and r_J average their k = 2 forms over the pairs of anchor samples (``best_of_n_weights``, n = 2):
         forward   = -log π(y_best),   y_best = the better of y'_1, y'_2 (ties: y'_1)
         r_J(y)    = -log 16 if r(y) < min(r(y'_1), r(y'_2)) else 0
         R         = r_J(y) - (log π(y) - log π_anchor(y))
@@ -210,25 +225,12 @@ def jbond_loss(
         reg       = sg(log π(y) - log π_anchor(y)) · log π(y)
         loss      = (1 - beta) · forward + beta · backward + gamma · reg
 
-    In expectation the gradient is that of
-        (1 - beta) · KL(BoN_2(π_anchor) || π)
-        + beta · [KL(π || π_anchor) + log 16 · E_π (1 - p≤(y))²]
-        + gamma · KL(π || π_anchor),
-    with p≤ = P_{y'~π_anchor}[r(y') ≤ r(y)] and p< likewise; BoN_2(π_anchor)(y) =
-    π_anchor(y) · (p≤(y) + p<(y)) is the law of the kept anchor sample (equal to
-    ``bonbench.bon.bon_probabilities(.., 2)`` when no two generations share a reward). The backward
-    bracket is, up to a constant, KL(π || π_anchor · exp(E[r_J]) / Z).
+    In expectation the gradient is that of (1 - beta) · KL(BoN_2(π_anchor) || π) + beta · [KL(π ||
+    π_anchor) + log 16 · E_π (1 - p≤(y))²] + gamma · KL(π || π_anchor) (docs/math.md §4, with the
+    law of the kept anchor sample and what the backward bracket is up to a constant).
     """
-    (num_prompts,) = policy_logprobs.shape
-    _check_shape("anchor_logprobs", anchor_logprobs, (num_prompts,))
-    _check_shape("rewards", rewards, (num_prompts,))
-    k = anchor_rewards.shape[-1] if anchor_rewards.dim() == 2 else 0
-    if k < 2:
-        raise ValueError(f"anchor_rewards has shape {tuple(anchor_rewards.shape)}, expected ({num_prompts}, k >= 2)")
-    _check_shape("anchor_rewards", anchor_rewards, (num_prompts, k))
-    _check_shape("anchor_sample_logprobs", anchor_sample_logprobs, (num_prompts, k))
-    if not 0.0 <= beta <= 1.0 or gamma < 0.0:
-        raise ValueError(f"J-BOND needs 0 <= beta <= 1 and gamma >= 0, got {beta=}, {gamma=}")
+    num_prompts = _check_jbond_inputs(policy_logprobs, anchor_logprobs, rewards, anchor_rewards,
+                                       anchor_sample_logprobs, beta, gamma)
 
     # Step 2, forward KL: SFT on the better of two anchor samples (a tie keeps y'_1), averaged over
     # all pairs of the k; a zero weight multiplies an entry the recipe did not score.

@@ -41,7 +41,8 @@ class Rloo:
 
     def loss(self, ctx: Context, batch: Batch, seed: int) -> LossOutput:
         p, s = len(batch.ids), self.cfg.samples
-        # log pi_ref(y) is read as y is drawn (a shadow row per sample), not in a pass of its own.
+        # log pi_ref(y): a shadow row per sample as y is drawn where LoRA sits over a frozen trunk, else the
+        # loop's teacher-forced pass (distill.transformers_generation.shadow_rows_pay).
         ys = ctx.sample("policy", batch, s, seed, score_under=("ref",))
         flat_ids = [batch.ids[i] for i in range(p) for _ in range(s)]
         y_ids = [c.token_ids for row in ys for c in row]

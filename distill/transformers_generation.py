@@ -3,9 +3,10 @@
 Samples with bonbench's batched sampler from the very modules being trained, so ``sync`` has
 nothing to copy. Draws whose roles live in one module (LoRA: the policy and anchor adapters and the
 adapter-free reference on one base) run as one mixed-adapter batch: each decoding step reads the
-weights once for every role, and a ``score_under`` role in the same module costs a shadow row per
-candidate, not a second pass over the prompts. Full fine-tuning has one module per role, so each
-role samples on its own and the caller scores ``score_under``.
+weights once for every role. A ``score_under`` role in the same module is scored by a shadow row per
+candidate where the module has a frozen trunk (LoRA on the top layers, distill's default), and by
+the caller's teacher-forced pass otherwise (``shadow_rows_pay``). Full fine-tuning has one module
+per role, so each role samples on its own and the caller scores ``score_under``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,23 @@ import torch
 
 from bonbench.backends.base import Candidate, SamplingParams
 from bonbench.backends.sampling import SampleRequest, sample
+from bonbench.backends.trunk import first_adapted_layer
 from bonbench.seeds import derive_seed
 from distill.generation import check_draws
 from distill.policy import Draw, Role
+
+
+def shadow_rows_pay(module: torch.nn.Module) -> bool:
+    """Whether shadow rows score a draw more cheaply than a teacher-forced pass after it: where the
+    module has a frozen trunk. There the layers below the adapters run in bf16 where the CPU has it
+    and prefill once for every adapter: J-BOND's sampling call, its shadow rows and second adapter
+    included, took 1.16x the time of the sampler alone on the same drawn rows
+    (``reports/bench/trainer-sampling-fused.md``), and RLOO with LoRA on the top 8 layers stepped in
+    44.2 s with them against 47.1 s with the pass (``benchmarks/README.md``, stop 22, an AVX2 CPU).
+    With LoRA on every layer each shadow row is a whole
+    row through every layer at every decoding step: RLOO's step took 30.8 s with them against 27.3 s
+    with the pass (``reports/bench/trainer_step-rloo-reference.md``)."""
+    return first_adapted_layer(module) > 0
 
 
 class TransformersGenerator:
@@ -57,7 +72,8 @@ class TransformersGenerator:
         module, adapter = self._modules[d.role]
         # Shadow rows score under another adapter of the same module; other roles are the caller's.
         shadows = tuple(self._modules[r][1] for r in d.score_under
-                        if r != d.role and adapter is not None and self._modules[r][0] is module)
+                        if r != d.role and adapter is not None and self._modules[r][0] is module) \
+            if shadow_rows_pay(module) else ()
         return [SampleRequest(list(p), SamplingParams(n=d.n, max_tokens=max_tokens, seed=derive_seed(d.seed, i)),
                               adapter=adapter, score_with=shadows)
                 for i, p in enumerate(prompts)]

@@ -49,15 +49,7 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
         raise ValueError("shared-prefix attention decodes one token per row")
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("shared-prefix attention computes plain attention: no logit soft-capping, no sinks")
-    # In float32, oneDNN builds a kernel for every new shape it sees, and these shapes change at every
-    # step: the first pass through a run's lengths took 30x longer with it than without it. In bfloat16
-    # it is the fast path (AMX): without it these products took half of a 64-row step (152 -> 388
-    # tokens/s with it, warm or cold, on the engine benchmark's Best-of-8). What counts is the dtype the
-    # products run in: under bf16 autocast (distill/precision.py's trunk) a float32 query (rotary
-    # embeddings promote it) is multiplied in bf16, and without oneDNN those products took 60% of a
-    # J-BOND step's sampling on an AMX machine.
-    with onednn(product_dtype(query) == torch.bfloat16):
-        return _decode_attention(module.layer_idx, query, key, value, attention_mask, scaling, shared_prefix)
+    return _decode_attention(module.layer_idx, query, key, value, attention_mask, scaling, shared_prefix)
 
 
 @contextlib.contextmanager
@@ -84,29 +76,66 @@ def _decode_attention(layer_idx, query, key, value, attention_mask, scaling, c: 
     kv_heads = key.shape[1]
     per_kv = q_heads // kv_heads
     scaling = dim**-0.5 if scaling is None else scaling
-    q = query.reshape(rows, kv_heads, per_kv, dim)  # query head h reads key/value head h // per_kv
-
-    own = torch.einsum("rhqd,rhsd->rhqs", q, key).float() * scaling  # (R, Hkv, per_kv, S)
-    if attention_mask is not None:
-        own = own.masked_fill(~attention_mask.view(rows, 1, 1, -1), float("-inf"))
-    own_lse = torch.logsumexp(own, -1)
-    own_out = torch.einsum("rhqs,rhsd->rhqd", torch.softmax(own, -1).to(value.dtype), value).float()
+    # Every product runs in one dtype, autocast's where it is on (the bf16 trunk of distill/precision.py,
+    # whose queries and keys come out of the rotary embedding in float32). The prompt's keys and values
+    # are cast to it once and kept: casting them at each step took as long as the products themselves.
+    dtype = product_dtype(query)
+    if layer.prefix_keys.dtype != dtype or layer.prefix_values.dtype != dtype:
+        layer.prefix_keys, layer.prefix_values = layer.prefix_keys.to(dtype), layer.prefix_values.to(dtype)
+    q = query.reshape(rows, kv_heads, per_kv, dim).to(dtype)  # query head h reads key/value head h // per_kv
+    own_bias = None if attention_mask is None else _bias(attention_mask.view(rows, 1, 1, -1))
+    own_out, own_lse = _attend(q, key.to(dtype), value.to(dtype), own_bias, scaling)  # (R, Hkv, per_kv, ...)
 
     # (G, Hkv, M * per_kv, D): each group's rows' queries side by side, M = most rows in a group
-    grouped = q.new_zeros((c.groups, c.group_rows, kv_heads, per_kv, dim))
-    grouped[c.group, c.slot] = q
-    grouped = grouped.permute(0, 2, 1, 3, 4).reshape(c.groups, kv_heads, c.group_rows * per_kv, dim)
-    shared = torch.matmul(grouped, layer.prefix_keys.transpose(-1, -2)).float() * scaling  # (G, Hkv, M*per_kv, P)
-    shared = shared.masked_fill(~c.prefix_mask[:, None, None, :], float("-inf"))
-    shared_lse = torch.logsumexp(shared, -1)
-    shared_out = torch.matmul(torch.softmax(shared, -1).to(value.dtype), layer.prefix_values).float()
-    shared_out = shared_out.view(c.groups, kv_heads, c.group_rows, per_kv, dim)[c.group, :, c.slot]
-    shared_lse = shared_lse.view(c.groups, kv_heads, c.group_rows, per_kv)[c.group, :, c.slot]
+    grouped = q.new_zeros((c.groups * c.group_rows, kv_heads, per_kv, dim))
+    grouped.index_copy_(0, c.group * c.group_rows + c.slot, q)
+    grouped = grouped.view(c.groups, c.group_rows, kv_heads, per_kv, dim).transpose(1, 2)
+    grouped = grouped.reshape(c.groups, kv_heads, c.group_rows * per_kv, dim)
+    shared_out, shared_lse = _attend(grouped, layer.prefix_keys, layer.prefix_values,
+                                     _bias(c.prefix_mask[:, None, None, :]), scaling)
+    shared = torch.cat([shared_out, shared_lse[..., None]], -1)  # one gather back to rows for both
+    shared = shared.view(c.groups, kv_heads, c.group_rows, per_kv, dim + 1)[c.group, :, c.slot]
+    shared_out, shared_lse = shared[..., :dim], shared[..., dim]
 
     top = torch.maximum(own_lse, shared_lse)
     w_own, w_shared = (own_lse - top).exp()[..., None], (shared_lse - top).exp()[..., None]
     out = (own_out * w_own + shared_out * w_shared) / (w_own + w_shared)
     return out.to(query.dtype).reshape(rows, 1, q_heads, dim), None
+
+
+def _bias(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as the additive float32 bias the attention kernels take: 0 where True, -inf elsewhere."""
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _attend(q, k, v, bias, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` (B, H, L, D) over ``k``, ``v`` (B, H, S, D), all in one dtype, with an additive
+    ``bias`` (B, 1, 1, S) or None; returns the output (B, H, L, D) and the log-sum-exp of each query's
+    scaled scores (B, H, L), both float32, so that attention over two parts can be merged exactly.
+
+    On a CPU it is torch's fused flash-attention kernel, the one ``scaled_dot_product_attention`` runs,
+    which also returns the log-sum-exp: per layer and decoding step about 2.5x faster than the explicit
+    products on J-BOND's draw (a throwaway timing), 1.15x on the whole sampling call
+    (``reports/bench/trainer-sampling-fused.md``). Elsewhere (and for that benchmark's comparison) it is
+    ``_attend_explicit``."""
+    if q.device.type != "cpu":
+        return _attend_explicit(q, k, v, bias, scaling)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scaling)
+    return out.float(), lse
+
+
+def _attend_explicit(q, k, v, bias, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_attend`` as explicit products, a log-sum-exp and a softmax over the whole score matrix.
+
+    On a CPU its bf16 products need oneDNN: without it they took 60% of a J-BOND step's sampling on an
+    AMX machine. In float32 oneDNN builds a kernel for every new shape, and decoding's shapes change at
+    every step (the first pass through a run's lengths took 30x longer with it than without it)."""
+    with onednn(q.dtype == torch.bfloat16):
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * scaling
+        if bias is not None:
+            scores = scores + bias
+        lse = torch.logsumexp(scores, -1)
+        return torch.matmul(torch.softmax(scores, -1).to(v.dtype), v).float(), lse
 
 
 AttentionInterface.register(ATTENTION, shared_prefix_attention)

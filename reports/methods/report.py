@@ -49,7 +49,7 @@ LABELS["jbond-default"] = "J-BOND default: 24 steps (reports/jbond-default/)"
 LABELS["jbond-linear"] = "J-BOND, 24 steps, lr decayed linearly (reports/jbond-default/)"
 OTHERS["jbond-drift"] = "jbond-drift-policy"
 LABELS["jbond-drift"] = "J-BOND default under a random reward: drift (reports/jbond-default/drift/)"
-# Stops 22-24: the default again (AVX2, seed 1, an AMX machine before and after stop 23's sampling fixes) and variants
+# Stops 22-25: the default again (AVX2, seed 1, an AMX machine before and after stop 23's sampling fixes) and variants
 for _name, _slug, _label in [
         ("jbond-default-avx2", "jbond-default-policy", "J-BOND default, seed 0, AVX2 fp32 (stop 22)"),
         ("jbond-seed1", "jbond-seed1-policy", "J-BOND default, seed 1, AVX2 fp32 (stop 22)"),
@@ -73,7 +73,8 @@ for _name, _slug, _label in [
         ("jbond-r8", "jbond-r8-policy", "J-BOND, LoRA r8 on the top 8 layers (stop 24)"),
         ("jbond-top2", "jbond-top2-policy", "J-BOND, LoRA on the top 2 layers (stop 24)"),
         ("jbond-drift-top4", "jbond-drift-top4-policy",
-         "J-BOND, LoRA on the top 4 layers, under a random reward: drift (stop 24)")]:
+         "J-BOND, LoRA on the top 4 layers, under a random reward: drift (stop 24)"),
+        ("jbond-fused", "jbond-fused-policy", "J-BOND default, seed 0, AMX, fused decoding attention (stop 25)")]:
     OTHERS[_name], LABELS[_name] = _slug, _label
 # The long configuration's path: the snapshots `distill/configs/jbond_long.yaml` keeps every 24 steps
 LONG_STEPS = (24, 48, 72, 96, 120)

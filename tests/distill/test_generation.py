@@ -72,11 +72,12 @@ def test_a_context_passed_in_stays_open_for_its_owner(tiny_model_path, tmp_path)
     assert ctx.generator.closed
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_every_score_under_role_is_the_trained_models_log_prob(tiny_model_path, tmp_path, lora):
-    """LoRA scores other roles with shadow rows in the sampling batch, full fine-tuning leaves them to the
-    loop, and the draw's own role is the sampler's own log-prob: all equal the trained model's scores."""
-    cfg = _config(tiny_model_path, tmp_path, lora=lora)
+@pytest.mark.parametrize("lora, top_layers", [(True, 1), (True, 0), (False, 0)], ids=["lora-top", "lora-all", "full"])
+def test_every_score_under_role_is_the_trained_models_log_prob(tiny_model_path, tmp_path, lora, top_layers):
+    """LoRA over a frozen trunk scores other roles with shadow rows in the sampling batch; LoRA on every
+    layer and full fine-tuning leave them to the loop's teacher-forced pass; the draw's own role is the
+    sampler's own log-prob: all equal the trained model's scores."""
+    cfg = _config(tiny_model_path, tmp_path, lora=lora, lora_top_layers=top_layers)
     with build_context(cfg, JBond(cfg)) as ctx:
         pairs = list(ctx.policies._adapter_pairs()) if lora else \
             list(zip(ctx.policies.model.parameters(), ctx.policies.anchor_model.parameters()))
@@ -87,6 +88,9 @@ def test_every_score_under_role_is_the_trained_models_log_prob(tiny_model_path, 
         ctx.weights_changed()
         batch = _batch(ctx)
         draws = [Draw("policy", 2, 1, score_under=("policy", "anchor", "ref")), Draw("anchor", 2, 2, ("ref",))]
+        engine_scored = {role for row in ctx.generator.generate(batch.ids, draws[:1], cfg.max_tokens)[0]
+                         for c in row for role in c.logprob_under}
+        assert engine_scored == ({"policy", "anchor", "ref"} if top_layers else {"policy"})
         out = ctx.sample_together(batch, draws)
         for d, rows in zip(draws, out):
             assert [len(row) for row in rows] == [2, 2]

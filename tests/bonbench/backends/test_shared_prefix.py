@@ -10,7 +10,8 @@ import torch
 from transformers.cache_utils import Cache
 
 from bonbench.backends.kv import BufferLayer
-from bonbench.backends.shared_prefix import SharedPrefixCache, product_dtype, shared_prefix_attention
+from bonbench.backends.shared_prefix import (SharedPrefixCache, _attend, _attend_explicit, product_dtype,
+                                             shared_prefix_attention)
 
 HEADS, KV_HEADS, DIM, LAYERS = 6, 2, 8, 1
 
@@ -68,6 +69,25 @@ def test_attention_over_one_shared_copy_equals_attention_over_each_rows_own_copy
     expected = _brute_force(query, prefixes, keys, values, cache.suffix_mask)
     tolerance = 3e-2 if autocast else 1e-5  # bf16 keeps 8 bits of mantissa
     torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("attend", [_attend, _attend_explicit], ids=["fused", "explicit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_attention_kernels_return_the_output_and_the_log_sum_exp_of_a_masked_softmax(attend, dtype):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(shape, generator=g) for shape in [(4, 2, 3, DIM), (4, 2, 11, DIM), (4, 2, 11, DIM)])
+    mask = torch.rand(4, 1, 1, 11, generator=g) > 0.4
+    mask[..., 0] = True  # every query sees at least one key, as in decoding
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+    out, lse = attend(q.to(dtype), k.to(dtype), v.to(dtype), bias, 0.3)
+    # float64, from the inputs as the kernel saw them
+    scores = (q.to(dtype).double() @ k.to(dtype).double().transpose(-1, -2)) * 0.3
+    scores = scores.masked_fill(~mask, float("-inf"))
+    expected = torch.softmax(scores, -1) @ v.to(dtype).double()
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert out.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), atol=tolerance, rtol=tolerance)
 
 
 def test_the_products_dtype_is_autocasts_where_it_is_on():
