@@ -9,6 +9,7 @@ from bonbench.config import option
 from distill.precision import PRECISIONS
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
@@ -52,7 +53,10 @@ class TrainConfig:
     steps: int = option(24, "optimiser steps")
     batch_prompts: int = option(8, "prompts per optimiser step (split over grad_accum micro-batches)")
     grad_accum: int = option(1, "micro-batches per optimiser step")
-    lr: float = option(3e-4, "Adam learning rate (LoRA: ~1e-4..5e-4; full fine-tuning: ~1e-6..1e-5)")
+    lr: float = option(3e-4, "learning rate (Adam with LoRA: ~1e-4..5e-4; full fine-tuning: ~1e-6..1e-5)")
+    optimizer: str = option("adamw", "'adamw' (no weight decay) or 'sgd' (with --momentum): Adam moves every "
+                                     "trained weight about lr a step, SGD in proportion to its gradient")
+    momentum: float = option(0.9, "--optimizer sgd: momentum (0: plain SGD)")
     warmup_steps: int = option(4, "linear learning-rate warm-up")
     lr_schedule: str = option("constant", "after the warm-up: 'constant', or decay to zero by the last step, "
                                          "'linear' or 'cosine' (the lr of Hugging Face's Trainer decays linearly)")
@@ -88,6 +92,10 @@ class TrainConfig:
             raise ValueError("eval_k must be >= 2 (quantiles and win rates need reference samples)")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.generation not in ("transformers", "vllm"):

@@ -206,6 +206,13 @@ def lr_factor(step: int, steps: int, warmup: int, schedule: str = "constant") ->
     raise ValueError(f"unknown lr schedule {schedule!r}")
 
 
+def make_optimizer(cfg: TrainConfig, params: Sequence[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """``--optimizer``: AdamW without weight decay, or SGD with ``--momentum``."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+
+
 def _subset(batch: Batch, indices: Sequence[int]) -> Batch:
     return Batch([batch.ids[i] for i in indices], [batch.messages[i] for i in indices])
 
@@ -409,7 +416,7 @@ def _train(cfg: TrainConfig, recipe: Recipe, ctx: Context) -> Path:
         if cfg.eval_prompts and main else None
 
     params = ctx.policies.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = make_optimizer(cfg, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.lr_schedule))
     done = load_checkpoint(out, ctx, optimizer, scheduler) if cfg.resume else 0
