@@ -74,7 +74,9 @@ for _name, _slug, _label in [
         ("jbond-top2", "jbond-top2-policy", "J-BOND, LoRA on the top 2 layers (stop 24)"),
         ("jbond-drift-top4", "jbond-drift-top4-policy",
          "J-BOND, LoRA on the top 4 layers, under a random reward: drift (stop 24)"),
-        ("jbond-fused", "jbond-fused-policy", "J-BOND default, seed 0, AMX, fused decoding attention (stop 25)")]:
+        ("jbond-fused", "jbond-fused-policy", "J-BOND default, seed 0, AMX, fused decoding attention (stop 25)"),
+        ("jbond-sgd-lr0.03", "jbond-sgd-lr0.03-policy", "J-BOND, SGD (momentum 0.9) at lr 0.03 (stop 25)"),
+        ("jbond-sgd-lr0.1", "jbond-sgd-lr0.1-policy", "J-BOND, SGD (momentum 0.9) at lr 0.1 (stop 25)")]:
     OTHERS[_name], LABELS[_name] = _slug, _label
 # The long configuration's path: the snapshots `distill/configs/jbond_long.yaml` keeps every 24 steps
 LONG_STEPS = (24, 48, 72, 96, 120)
