@@ -29,10 +29,9 @@ def shadow_rows_pay(module: torch.nn.Module) -> bool:
     and prefill once for every adapter: J-BOND's sampling call, its shadow rows and second adapter
     included, took 1.16x the time of the sampler alone on the same drawn rows
     (``reports/bench/trainer-sampling-fused.md``), and RLOO with LoRA on the top 8 layers stepped in
-    44.2 s with them against 47.1 s with the pass (``benchmarks/README.md``, stop 22, an AVX2 CPU).
-    With LoRA on every layer each shadow row is a whole
-    row through every layer at every decoding step: RLOO's step took 30.8 s with them against 27.3 s
-    with the pass (``reports/bench/trainer_step-rloo-reference.md``)."""
+    44.2 s with them against 47.1 s with the pass (``benchmarks/README.md``, an AVX2 CPU). With LoRA on
+    every layer each shadow row is a whole row through every layer at every decoding step: RLOO's step
+    took 30.8 s with them against 27.3 s with the pass (``reports/bench/trainer_step-rloo-reference.md``)."""
     return first_adapted_layer(module) > 0
 
 
@@ -71,9 +70,10 @@ class TransformersGenerator:
     def _requests(self, prompts: Sequence[list[int]], d: Draw, max_tokens: int) -> list[SampleRequest]:
         module, adapter = self._modules[d.role]
         # Shadow rows score under another adapter of the same module; other roles are the caller's.
-        shadows = tuple(self._modules[r][1] for r in d.score_under
-                        if r != d.role and adapter is not None and self._modules[r][0] is module) \
-            if shadow_rows_pay(module) else ()
+        shadows: tuple[str, ...] = ()
+        if adapter is not None and shadow_rows_pay(module):
+            shadows = tuple(self._modules[r][1] for r in d.score_under
+                            if r != d.role and self._modules[r][0] is module)
         return [SampleRequest(list(p), SamplingParams(n=d.n, max_tokens=max_tokens, seed=derive_seed(d.seed, i)),
                               adapter=adapter, score_with=shadows)
                 for i, p in enumerate(prompts)]
