@@ -17,7 +17,9 @@ In one process, on the same model, prompts and reward, one after the other:
                 LoRA layers in bf16), then the sequence log-probs and policy/anchor/reference
                 log-ratios of both precisions on the same answers, after the fp32 run's steps.
 
-Per part: seconds per step (median over ``--steps``; the first includes warm-up), generated tokens
+Each part first runs ``--warmup`` untimed steps: a process's first step pays one-off costs (the
+first pass through each new shape, the allocator growing), 13 s of distill's first RLOO step and
+14 s of TRL's on a 2-core CPU. Per part: seconds per step (median over ``--steps``), generated tokens
 per second (every completion token the step sampled; shadow rows that only score are not
 counted), and where the step's time went: sampling, reward, log-prob passes (with and without
 gradient), backward, anchor update. The table goes to stdout and ``reports/bench/<--out>.md``
@@ -59,7 +61,8 @@ class BenchConfig:
     device: str = option("cpu", "cpu or cuda")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
     parts: list[str] = option([p for p in PARTS if p != "trl"], f"what to measure, in order: any of {', '.join(PARTS)}")
-    steps: int = option(2, "optimiser steps per trainer (the first includes warm-up)")
+    steps: int = option(3, "timed optimiser steps per part")
+    warmup: int = option(1, "untimed steps before them, per part (a process's first step pays one-off costs)")
     prompts: int = option(8, "prompts per step (RLOO: each sampled --samples times)")
     samples: int = option(2, "RLOO completions per prompt")
     max_tokens: int = option(40, "most tokens per completion")
@@ -73,8 +76,8 @@ class BenchConfig:
         unknown = [p for p in self.parts if p not in PARTS]
         if unknown:
             raise ValueError(f"unknown parts {unknown}: choose from {PARTS}")
-        if self.steps < 1 or self.prompts < 2 or self.samples < 2 or self.max_tokens < 1:
-            raise ValueError("steps >= 1, prompts >= 2, samples >= 2 and max_tokens >= 1")
+        if self.steps < 1 or self.warmup < 0 or self.prompts < 2 or self.samples < 2 or self.max_tokens < 1:
+            raise ValueError("steps >= 1, warmup >= 0, prompts >= 2, samples >= 2 and max_tokens >= 1")
         if Path(self.out).name != self.out:
             raise ValueError(f"--out is a report name, written under reports/bench/; got a path {self.out!r}")
 
@@ -82,11 +85,13 @@ class BenchConfig:
 def _train_prompts(cfg: BenchConfig) -> list[list[dict]]:
     from bonbench.tasks import load_task, summary_prompt
 
-    docs = load_task("default", "train", cfg.prompts * cfg.steps)["document"]
+    docs = load_task("default", "train", cfg.prompts * (cfg.warmup + cfg.steps))["document"]
     return [summary_prompt(d) for d in docs]
 
 
-def _summary(step_s: list[float], tokens: list[float], split: dict[str, list[float]]) -> dict:
+def _summary(step_s: list[float], tokens: list[float], split: dict[str, list[float]], warmup: int) -> dict:
+    """Medians and means over the steps after the first ``warmup``."""
+    step_s, tokens, split = step_s[warmup:], tokens[warmup:], {k: v[warmup:] for k, v in split.items()}
     return {"s_per_step": statistics.median(step_s), "step_s": step_s,
             "tokens_per_s": sum(tokens) / sum(step_s), "tokens_per_step": statistics.mean(tokens),
             "split": {k: statistics.mean(v) for k, v in split.items()}}
@@ -132,7 +137,7 @@ def bench_trl(cfg: BenchConfig, prompts: list[list[dict]], gradient_checkpointin
     tokenizer.padding_side = "left"
     args = RLOOConfig(output_dir=tempfile.mkdtemp(prefix="trl-rloo-"), per_device_train_batch_size=cfg.prompts * cfg.samples,
                       num_generations=cfg.samples, max_completion_length=cfg.max_tokens, beta=cfg.beta_rl,
-                      learning_rate=cfg.lr, max_steps=cfg.steps, logging_steps=1, save_strategy="no", report_to="none",
+                      learning_rate=cfg.lr, max_steps=cfg.warmup + cfg.steps, logging_steps=1, save_strategy="no", report_to="none",
                       use_cpu=cfg.device == "cpu", bf16=False, seed=cfg.seed, dataloader_num_workers=0,
                       gradient_checkpointing=gradient_checkpointing)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS,
@@ -161,7 +166,7 @@ def bench_trl(cfg: BenchConfig, prompts: list[list[dict]], gradient_checkpointin
 
     trainer.add_callback(StepTimer())
     trainer.train()
-    return _summary(steps, tokens, splits)
+    return _summary(steps, tokens, splits, cfg.warmup)
 
 
 # -- distill ---------------------------------------------------------------------------------------
@@ -182,26 +187,27 @@ def bench_distill(cfg: BenchConfig, recipe_name: str, **overrides) -> tuple[dict
         settings = {}  # the default J-BOND step
     out = Path(tempfile.mkdtemp(prefix=f"bench-{recipe_name}-"))
     train_cfg = Config(**{**settings, **overrides}, model=cfg.model, reward_model=cfg.reward_model, device=cfg.device,
-                       steps=cfg.steps, batch_prompts=cfg.prompts, max_tokens=cfg.max_tokens, eval_prompts=0,
+                       steps=cfg.warmup + cfg.steps, batch_prompts=cfg.prompts, max_tokens=cfg.max_tokens, eval_prompts=0,
                        save_every=10**6, seed=cfg.seed, out=str(out / "run"))
     recipe = Recipe(train_cfg)
     ctx = build_context(train_cfg, recipe)
     tokens: list[int] = []
     generate = ctx.generator.generate
 
-    def counting(prompts, draws, max_tokens):
-        result = generate(prompts, draws, max_tokens)
+    def counting(prompts, draws, max_tokens, prefixes=None):
+        result = generate(prompts, draws, max_tokens, prefixes)
         tokens.append(sum(c.num_tokens for per_draw in result for row in per_draw for c in row))
         return result
 
     ctx.generator.generate = counting
     train(train_cfg, recipe, ctx)
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    keys = ("sample_s", "reward_s", "logprob_s", "backward_s", "anchor_update_s")
-    calls = len(tokens) // cfg.steps  # generate calls per step (one per micro-batch)
-    per_step = [sum(tokens[i * calls : (i + 1) * calls]) for i in range(cfg.steps)]
+    keys = ("sample_s", "reward_s", "prompt_s", "logprob_s", "backward_s", "anchor_update_s")
+    total = cfg.warmup + cfg.steps
+    calls = len(tokens) // total  # generate calls per step (one per micro-batch)
+    per_step = [sum(tokens[i * calls : (i + 1) * calls]) for i in range(total)]
     return _summary([r["step_s"] for r in rows], per_step,
-                    {k: [r.get(k, 0.0) for r in rows] for k in keys}), ctx
+                    {k: [r.get(k, 0.0) for r in rows] for k in keys}, cfg.warmup), ctx
 
 
 def bench_sampler(cfg: BenchConfig, prompts: list[list[dict]]) -> dict:
@@ -214,7 +220,7 @@ def bench_sampler(cfg: BenchConfig, prompts: list[list[dict]]) -> dict:
 
     model, tokenizer = load_causal_lm(resolve_policy(cfg.model), "float32", cfg.device)
     steps, tokens = [], []
-    for step in range(cfg.steps):
+    for step in range(cfg.warmup + cfg.steps):
         batch = prompts[step * cfg.prompts : (step + 1) * cfg.prompts]
         requests = [SampleRequest(encode_prompt(tokenizer, p), SamplingParams(
             n=cfg.samples, max_tokens=cfg.max_tokens, seed=derive_seed(cfg.seed, step, i))) for i, p in enumerate(batch)]
@@ -222,7 +228,7 @@ def bench_sampler(cfg: BenchConfig, prompts: list[list[dict]]) -> dict:
         out = sample(model, tokenizer, requests, eos_ids(model, tokenizer), keep_tokens=False)
         steps.append(time.perf_counter() - started)
         tokens.append(sum(c.num_tokens for row in out for c in row))
-    return _summary(steps, tokens, {"sample_s": steps})
+    return _summary(steps, tokens, {"sample_s": steps}, cfg.warmup)
 
 
 def precision_gap(fp32_ctx, bf16_ctx, cfg: BenchConfig) -> dict:
@@ -254,12 +260,12 @@ def precision_gap(fp32_ctx, bf16_ctx, cfg: BenchConfig) -> dict:
 
 # -- the report ------------------------------------------------------------------------------------
 
-SPLIT = (("sample_s", "sampling"), ("reward_s", "reward"), ("logprob_s", "log-probs, no grad"),
+SPLIT = (("sample_s", "sampling"), ("reward_s", "reward"), ("prompt_s", "prompt pass, grad"), ("logprob_s", "log-probs, no grad"),
          ("logprob_grad_s", "log-probs, grad"), ("backward_s", "backward"), ("anchor_update_s", "anchor update"))
 
 
 def table(results: dict, cfg: BenchConfig, machine: str) -> str:
-    lines = [f"# Trainer step: {cfg.model}, {cfg.prompts} prompts, <= {cfg.max_tokens} tokens, {cfg.steps} steps",
+    lines = [f"# Trainer step: {cfg.model}, {cfg.prompts} prompts, <= {cfg.max_tokens} tokens, {cfg.steps} steps after {cfg.warmup} untimed",
              "", machine, "",
              "| part | s/step (median) | generated tokens/step | tokens/s | " + " | ".join(n for _, n in SPLIT) + " |",
              "|---" * (4 + len(SPLIT)) + "|"]
@@ -269,7 +275,9 @@ def table(results: dict, cfg: BenchConfig, machine: str) -> str:
         split = " | ".join(f"{r['split'][k]:.2f}" if k in r["split"] else "" for k, _ in SPLIT)
         lines.append(f"| {part} | {r['s_per_step']:.2f} | {r['tokens_per_step']:.0f} | {r['tokens_per_s']:.1f} | {split} |")
     lines += ["", "Split columns: mean seconds per step. distill's log-prob column holds every pass (with and "
-              "without gradient); TRL's `generate` includes its tokenisation.", ""]
+              "without gradient) but the prompt pass, which runs each prompt once under the policy with gradients "
+              "for the engine to continue and the gradient pass to read; TRL's `generate` includes its "
+              "tokenisation.", ""]
     lines += [f"- {line}" for line in ratios(results)]
     if "precision" in results:
         gap = results["precision"]
@@ -291,9 +299,16 @@ def ratios(results: dict) -> list[str]:
                        f"{ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x (target >= 3x)")
     if "rloo" in results and "sampler" in results:
         ours, alone = results["rloo"], results["sampler"]
-        in_step = ours["tokens_per_step"] / ours["split"]["sample_s"]
-        out.append(f"sampling inside distill's RLOO step {in_step:.1f} tokens/s / the sampler alone "
-                   f"{alone['tokens_per_s']:.1f} tokens/s = {in_step / alone['tokens_per_s']:.2f}x (target >= 0.8x)")
+        split = ours["split"]
+        in_step = ours["tokens_per_step"] / split["sample_s"]
+        line = (f"sampling inside distill's RLOO step {in_step:.1f} tokens/s / the sampler alone "
+                f"{alone['tokens_per_s']:.1f} tokens/s = {in_step / alone['tokens_per_s']:.2f}x (target >= 0.8x)")
+        if split.get("prompt_s"):  # the engine continued the step's prompt pass instead of prefilling
+            with_prompts = ours["tokens_per_step"] / (split["sample_s"] + split["prompt_s"])
+            line += (f"; with the step's prompt pass (gradients on; the engine continues it, the gradient pass "
+                     f"reads it) counted as sampling, {with_prompts:.1f} tokens/s = "
+                     f"{with_prompts / alone['tokens_per_s']:.2f}x")
+        out.append(line)
     if "rloo" in results and "rloo-shadows" in results:
         a, b = results["rloo-shadows"], results["rloo"]
         out.append(f"RLOO's reference log-probs: shadow rows {a['s_per_step']:.2f} s/step, a teacher-forced pass "

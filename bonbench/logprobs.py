@@ -22,12 +22,12 @@ how many answers its prompt has (up to float rounding).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from bonbench.backends.base import Prompt
-from bonbench.backends.prefill import forward_with_adapters, prefill
+from bonbench.backends.prefill import PromptState, forward_with_adapters, prefill
 
 __all__ = ["sequence_logprobs", "answer_logprobs"]
 
@@ -44,13 +44,13 @@ def _pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 def _batch_logprobs(model, prompts: list[list[int]], answers: list[list[int]], owner: list[int],
-                    pad_id: int) -> torch.Tensor:
+                    pad_id: int, known: Mapping[tuple[int, ...], PromptState] | None) -> torch.Tensor:
     """Log-probs of ``answers[j]`` given ``prompts[owner[j]]``: one pass per distinct prompt, then
     one pass over all answers on copies of their prompt's cache."""
     device = next(model.parameters()).device
     a_ids, a_mask = (t.to(device) for t in _pad(answers, pad_id))
     index = torch.tensor(owner, device=device)
-    done = prefill(model, prompts, pad_id)
+    done = prefill(model, prompts, pad_id, known=known)
     first = done.logits[index, None, :]  # predicts each answer's first token
     p_mask, cache = done.mask, done.cache
     cache.batch_select_indices(index)
@@ -73,6 +73,7 @@ def sequence_logprobs(
     prompt_ids: Sequence[list[int]],
     answer_ids: Sequence[list[int]],
     batch_size: int = 16,
+    states: Mapping[tuple[int, ...], PromptState] | None = None,
 ) -> torch.Tensor:
     """Per-pair ``log π(answer | prompt)``, summed over the answer's tokens (temperature 1).
 
@@ -84,6 +85,8 @@ def sequence_logprobs(
             the answer ended with one (its probability is part of log π(answer)). An empty answer
             scores 0.
         batch_size: answers per forward pass.
+        states: prompts already run through ``model`` as it stands (``bonbench.backends.prefill.prompt_states``,
+            with gradients where these log-probs need them): read instead of run again.
 
     Returns:
         float32 tensor of shape ``(P,)`` on the model's device, in input order. It carries
@@ -117,7 +120,7 @@ def sequence_logprobs(
         members = [i for _, m in chunk for i in m]
         owner = [g for g, (_, m) in enumerate(chunk) for _ in m]
         parts.append(_batch_logprobs(model, [list(p) for p, _ in chunk], [list(answer_ids[i]) for i in members],
-                                     owner, pad_id))
+                                     owner, pad_id, states))
         order.extend(members)
     if not parts:
         return out

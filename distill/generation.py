@@ -19,15 +19,19 @@ trained model, so only the tokens must be exact samples.
 
 from __future__ import annotations
 
-from typing import Collection, Protocol, Sequence
+from typing import Collection, Mapping, Protocol, Sequence
 
 from bonbench.backends.base import Candidate
-from distill.policy import Draw
+from bonbench.backends.prefill import PromptState
+from distill.policy import Draw, Role
+
+# Per role, prompts already run under that role's current weights (``Policies.prompt_states``).
+Prefixes = Mapping[Role, Mapping[tuple[int, ...], PromptState]]
 
 
 class Generator(Protocol):
-    def generate(self, prompts: Sequence[list[int]], draws: Sequence[Draw],
-                 max_tokens: int) -> list[list[list[Candidate]]]:
+    def generate(self, prompts: Sequence[list[int]], draws: Sequence[Draw], max_tokens: int,
+                 prefixes: Prefixes | None = None) -> list[list[list[Candidate]]]:
         """Sample every draw over the same prompts; returns, per draw, per prompt, ``draw.n`` candidates.
 
         prompts: token ids, chat template applied. Each candidate is drawn at temperature 1, top_p 1
@@ -35,6 +39,9 @@ class Generator(Protocol):
         and the prompt's index; ``token_ids`` end with the end-of-sequence token when the answer
         stopped on one. ``logprob_under[role]`` may be filled for roles in ``draw.score_under`` that
         the engine scores with the trained weights themselves; the caller scores the roles left out.
+        ``prefixes``: prompts the trainer has already run under a role's weights as of the last
+        ``sync``; an engine may continue them instead of prefilling (the draws do not change beyond
+        float rounding) or ignore them.
         Raises ``ValueError`` for a role the run does not have, ``RuntimeError`` once closed.
         """
         ...

@@ -74,9 +74,12 @@ class JBond:
 
     def loss(self, ctx: Context, batch: Batch, seed: int) -> LossOutput:
         p, k = len(batch.ids), self.cfg.anchor_samples
+        # Each prompt runs once under the policy, with gradients, for the gradient pass below; the engine
+        # continues it too where the policy's draw has no shadow rows (LoRA on every layer).
+        states = ctx.policies.prompt_states("policy", batch.ids, grad=True)
         # One batch for both roles; log pi_anchor(y) comes from a shadow row while y is drawn.
         ys, anchors = ctx.sample_together(batch, [Draw("policy", 1, derive_seed(seed, 0), score_under=("anchor",)),
-                                                  Draw("anchor", k, derive_seed(seed, 1))])
+                                                  Draw("anchor", k, derive_seed(seed, 1))], {"policy": states})
         ys = [row[0] for row in ys]
         texts = [c.text for c in ys] + [c.text for row in anchors for c in row]
         rewards = ctx.score(batch.messages + [m for m in batch.messages for _ in range(k)], texts)
@@ -86,7 +89,7 @@ class JBond:
         pairs = read.nonzero().tolist()  # row-major, the order masked_scatter fills
         with_grad = ctx.policies.logprobs("policy", batch.ids + [batch.ids[i] for i, _ in pairs],
                                           [c.token_ids for c in ys] + [anchors[i][j].token_ids for i, j in pairs],
-                                          grad=True)
+                                          grad=True, states=states)
         policy_lp = with_grad[:p]
         anchor_sample_lp = torch.zeros(p, k, dtype=with_grad.dtype).masked_scatter(read, with_grad[p:])
         anchor_lp = torch.tensor([c.logprob_under["anchor"] for c in ys], dtype=policy_lp.dtype)

@@ -31,7 +31,7 @@ from bonbench.errors import UserError
 from bonbench.rewards.base import RewardModel, checked_scores
 from bonbench.seeds import derive_seed
 from distill.config import TrainConfig
-from distill.generation import Generator, make_generator
+from distill.generation import Generator, Prefixes, make_generator
 from distill.losses import LossOutput
 from distill.policy import Draw, Policies, Role
 from distill.precision import resolve_precision
@@ -82,18 +82,21 @@ class Context:
         self.timings["reward_s"] = self.timings.get("reward_s", 0.0) + time.perf_counter() - started
         return torch.tensor(scores, dtype=torch.float64)
 
-    def sample(self, role: Role, batch: Batch, n: int, seed: int, score_under: tuple[Role, ...] = ()):
-        return self.sample_together(batch, [Draw(role, n, seed, score_under)])[0]
+    def sample(self, role: Role, batch: Batch, n: int, seed: int, score_under: tuple[Role, ...] = (),
+               prefixes: Prefixes | None = None):
+        return self.sample_together(batch, [Draw(role, n, seed, score_under)], prefixes)[0]
 
-    def sample_together(self, batch: Batch, draws: Sequence[Draw]) -> list[list[list[Candidate]]]:
+    def sample_together(self, batch: Batch, draws: Sequence[Draw],
+                        prefixes: Prefixes | None = None) -> list[list[list[Candidate]]]:
         """Per draw, the candidates per prompt, each scored under the draw's ``score_under`` roles.
-        With a reference cache, ``ref`` draws it holds are read back instead of sampled."""
+        With a reference cache, ``ref`` draws it holds are read back instead of sampled. ``prefixes``:
+        the batch's prompts already run under a role (``prompt_states``), for the engine to continue."""
         started = time.perf_counter()
         cache, max_tokens = self.reference_cache, self.cfg.max_tokens
         cacheable = [cache is not None and d.role == "ref" for d in draws]
         out: list = [cache.get(batch.ids, d, max_tokens) if ok else None for d, ok in zip(draws, cacheable)]
         drawn = [k for k, rows in enumerate(out) if rows is None]
-        fresh = self.generator.generate(batch.ids, [draws[k] for k in drawn], max_tokens) if drawn else []
+        fresh = self.generator.generate(batch.ids, [draws[k] for k in drawn], max_tokens, prefixes) if drawn else []
         for k, rows in zip(drawn, fresh):
             out[k] = rows
         self.timings["sample_s"] = self.timings.get("sample_s", 0.0) + time.perf_counter() - started

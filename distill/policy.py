@@ -14,10 +14,11 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Mapping
 
 import torch
 
+from bonbench.backends.prefill import PromptState, prompt_states
 from bonbench.backends.sampling import BASE
 from bonbench.backends.transformers import eos_ids
 from bonbench.logprobs import sequence_logprobs
@@ -46,7 +47,7 @@ class Policies:
                  lora_targets: list[str] | None = None, lora_top_layers: int = 0, with_anchor: bool = True,
                  precision: Precision = "fp32"):
         self.tokenizer = tokenizer
-        self.timings: dict[str, float] = {}  # logprob_s: seconds in ``logprobs`` since the owner last cleared it
+        self.timings: dict[str, float] = {}  # seconds in ``logprobs`` (logprob_s), ``prompt_states`` (prompt_s)
         self.lora = lora
         self.with_anchor = with_anchor
         self.eos = eos_ids(model, tokenizer)
@@ -113,15 +114,29 @@ class Policies:
             yield self.model
 
     def logprobs(self, role: Role, prompts: list[list[int]], answers: list[list[int]], *, grad: bool = False,
-                 batch_size: int = 16) -> torch.Tensor:
-        """Per-sequence log pi(answer | prompt) under the role, shape (len(answers),)."""
+                 batch_size: int = 16, states: Mapping[tuple[int, ...], PromptState] | None = None) -> torch.Tensor:
+        """Per-sequence log pi(answer | prompt) under the role, shape (len(answers),); ``states``: the
+        role's ``prompt_states`` of these prompts, with the same ``grad``, read instead of run again."""
         started = time.perf_counter()
         with self._role(role) as model, torch.set_grad_enabled(grad):
             if grad and role == "policy":
                 model = self.train_model  # under DDP, the wrapper whose backward syncs gradients
-            out = sequence_logprobs(model, self.tokenizer, prompts, answers, batch_size=batch_size)
+            out = sequence_logprobs(model, self.tokenizer, prompts, answers, batch_size=batch_size, states=states)
         self.timings["logprob_s"] = self.timings.get("logprob_s", 0.0) + time.perf_counter() - started
         return out
+
+    def prompt_states(self, role: Role, prompts: list[list[int]], *, grad: bool = False
+                      ) -> dict[tuple[int, ...], PromptState]:
+        """Each distinct prompt run once under the role (``bonbench.backends.prefill.prompt_states``):
+        for ``logprobs`` with the same ``grad``, and, detached, for the generator to continue instead of
+        prefilling. Empty for a model whose cache cannot be laid side by side."""
+        started = time.perf_counter()
+        with self._role(role) as model, torch.set_grad_enabled(grad):
+            if grad and role == "policy":
+                model = self.train_model
+            states = prompt_states(model, prompts) or {}
+        self.timings["prompt_s"] = self.timings.get("prompt_s", 0.0) + time.perf_counter() - started
+        return states
 
     def prepare(self, accelerator) -> None:
         """Let ``accelerate`` wrap the trained model (DDP when several processes run)."""

@@ -43,11 +43,14 @@ class Rloo:
         p, s = len(batch.ids), self.cfg.samples
         # log pi_ref(y): a shadow row per sample as y is drawn where LoRA sits over a frozen trunk, else the
         # loop's teacher-forced pass (distill.transformers_generation.shadow_rows_pay).
-        ys = ctx.sample("policy", batch, s, seed, score_under=("ref",))
+        # Each prompt runs once under the policy, with gradients: the engine continues it where it can
+        # (no shadow rows) and the gradient pass reads it, where each would otherwise run it again.
+        states = ctx.policies.prompt_states("policy", batch.ids, grad=True)
+        ys = ctx.sample("policy", batch, s, seed, score_under=("ref",), prefixes={"policy": states})
         flat_ids = [batch.ids[i] for i in range(p) for _ in range(s)]
         y_ids = [c.token_ids for row in ys for c in row]
         rewards = ctx.score([m for m in batch.messages for _ in range(s)], [c.text for row in ys for c in row])
-        policy_lp = ctx.policies.logprobs("policy", flat_ids, y_ids, grad=True).view(p, s)
+        policy_lp = ctx.policies.logprobs("policy", flat_ids, y_ids, grad=True, states=states).view(p, s)
         ref_lp = torch.tensor([c.logprob_under["ref"] for row in ys for c in row], dtype=policy_lp.dtype).view(p, s)
         return rloo_loss(policy_lp, ref_lp, rewards.view(p, s).to(policy_lp.dtype), beta_rl=self.cfg.beta_rl)
 

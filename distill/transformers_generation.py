@@ -6,7 +6,9 @@ adapter-free reference on one base) run as one mixed-adapter batch: each decodin
 weights once for every role. A ``score_under`` role in the same module is scored by a shadow row per
 candidate where the module has a frozen trunk (LoRA on the top layers, distill's default), and by
 the caller's teacher-forced pass otherwise (``shadow_rows_pay``). Full fine-tuning has one module
-per role, so each role samples on its own and the caller scores ``score_under``.
+per role, so each role samples on its own and the caller scores ``score_under``. A draw without
+shadow rows continues the trainer's own pass over its prompts (``prefixes``) instead of prefilling
+them: with LoRA on every layer, RLOO's sampling then costs its decoding alone.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from bonbench.backends.base import Candidate, SamplingParams
 from bonbench.backends.sampling import SampleRequest, sample
 from bonbench.backends.trunk import first_adapted_layer
 from bonbench.seeds import derive_seed
-from distill.generation import check_draws
+from distill.generation import Prefixes, check_draws
 from distill.policy import Draw, Role
 
 
@@ -49,9 +51,10 @@ class TransformersGenerator:
     def closed(self) -> bool:
         return self._modules is None
 
-    def generate(self, prompts: Sequence[list[int]], draws: Sequence[Draw],
-                 max_tokens: int) -> list[list[list[Candidate]]]:
-        """See ``distill.generation.Generator.generate``."""
+    def generate(self, prompts: Sequence[list[int]], draws: Sequence[Draw], max_tokens: int,
+                 prefixes: Prefixes | None = None) -> list[list[list[Candidate]]]:
+        """See ``distill.generation.Generator.generate``. A draw without shadow rows continues the
+        ``prefixes`` of its role (the trainer's prompt pass, which its gradient pass reads too)."""
         check_draws(draws, self._modules or (), self.closed)
         out: list[list[list[Candidate]] | None] = [None] * len(draws)
         by_module: dict[int, list[int]] = {}
@@ -59,7 +62,7 @@ class TransformersGenerator:
             by_module.setdefault(id(self._modules[d.role][0]), []).append(k)
         for ks in by_module.values():
             module = self._modules[draws[ks[0]].role][0]
-            requests = [r for k in ks for r in self._requests(prompts, draws[k], max_tokens)]
+            requests = [r for k in ks for r in self._requests(prompts, draws[k], max_tokens, prefixes or {})]
             flat = sample(module, self.tokenizer, requests, self.eos, keep_tokens=False)
             for j, k in enumerate(ks):
                 out[k] = flat[j * len(prompts) : (j + 1) * len(prompts)]
@@ -67,16 +70,23 @@ class TransformersGenerator:
             self._name_scores(d, rows)
         return out
 
-    def _requests(self, prompts: Sequence[list[int]], d: Draw, max_tokens: int) -> list[SampleRequest]:
+    def _requests(self, prompts: Sequence[list[int]], d: Draw, max_tokens: int,
+                  prefixes: Prefixes) -> list[SampleRequest]:
         module, adapter = self._modules[d.role]
         # Shadow rows score under another adapter of the same module; other roles are the caller's.
         shadows: tuple[str, ...] = ()
         if adapter is not None and shadow_rows_pay(module):
             shadows = tuple(self._modules[r][1] for r in d.score_under
                             if r != d.role and self._modules[r][0] is module)
-        return [SampleRequest(list(p), SamplingParams(n=d.n, max_tokens=max_tokens, seed=derive_seed(d.seed, i)),
-                              adapter=adapter, score_with=shadows)
-                for i, p in enumerate(prompts)]
+        known = prefixes.get(d.role, {}) if not shadows else {}
+        requests = []
+        for i, p in enumerate(prompts):
+            state = known.get(tuple(p))
+            requests.append(SampleRequest(list(p), SamplingParams(n=d.n, max_tokens=max_tokens,
+                                                                  seed=derive_seed(d.seed, i)),
+                                          adapter=adapter, score_with=shadows,
+                                          prefix=state.detached() if state is not None else None))
+        return requests
 
     def _name_scores(self, d: Draw, rows: list[list[Candidate]]) -> None:
         """Key the sampler's ``logprob_under`` (by adapter) by role; the draw's own role is free."""

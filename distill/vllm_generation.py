@@ -152,9 +152,10 @@ class VLLMGenerator:
     def closed(self) -> bool:
         return self.llm is None
 
-    def generate(self, prompts: Sequence[list[int]], draws: Sequence[Draw],
-                 max_tokens: int) -> list[list[list[Candidate]]]:
-        """See ``distill.generation.Generator.generate``. ``score_under`` is left to the caller."""
+    def generate(self, prompts: Sequence[list[int]], draws: Sequence[Draw], max_tokens: int,
+                 prefixes=None) -> list[list[list[Candidate]]]:
+        """See ``distill.generation.Generator.generate``. ``score_under`` is left to the caller, and
+        ``prefixes`` unread: vLLM holds its own prompts' keys and values."""
         from vllm import SamplingParams
 
         check_draws(draws, self.roles, self.closed)

@@ -8,7 +8,9 @@ An ``Engine`` holds one decoding batch. Each ``step()``
    prompt is prefilled in chunks over several steps, so it delays everyone's next token by one
    chunk, not by its whole prompt. A prompt is prefilled once per distinct (prompt, adapter),
    unpadded, and its keys and values are copied to its rows when they join; the layers below the
-   lowest LoRA adapter run once per prompt, whatever the adapters (``bonbench.backends.trunk``);
+   lowest LoRA adapter run once per prompt, whatever the adapters (``bonbench.backends.trunk``). A
+   request that brings its prompt already run (``SampleRequest.prefix``: a trainer's gradient pass
+   over the same prompt) joins at once, without prefill;
 3. draws one token for every row; pauses to score the requests whose candidates just reached an
    early-rejection checkpoint, and stops the losers (below); lets finished, rejected and cancelled
    rows leave, hands back each request whose rows are all finished, and runs one decoding forward
@@ -117,6 +119,12 @@ class Engine:
             raise ValueError("in a batch that names adapters, every request must name one (BASE for none)")
         if not self.adapters and (request.adapter is not None or request.score_with):
             raise ValueError("this engine runs the model as is: build it with adapters=True to name adapters")
+        if request.prefix is not None:
+            if request.score_with:
+                raise ValueError("a request with shadow rows (score_with) is prefilled under every adapter: no prefix")
+            if request.prefix.keys[0].shape[-2] != len(request.prompt_ids):
+                raise ValueError(f"the prefix holds {request.prefix.keys[0].shape[-2]} tokens, the prompt "
+                                 f"{len(request.prompt_ids)}: it is another prompt's")
         if request.params.early_rejection is not None:
             if request.score_with:
                 raise ValueError("early rejection stops candidates mid-way; it cannot run with score_with "
@@ -171,7 +179,20 @@ class Engine:
                 return  # the batch is full; a request wider than max_rows runs alone
             self._waiting.popleft()
             planned += len(pending.rows)
-            self._prefill_for(pending).members.append(pending)
+            if pending.request.prefix is not None:
+                self._join(self._prefilled(pending))
+            else:
+                self._prefill_for(pending).members.append(pending)
+
+    def _prefilled(self, pending: _Pending) -> _Prefill:
+        """A request whose prompt was run before (``SampleRequest.prefix``) as a finished prefill."""
+        state, prompt = pending.request.prefix, tuple(pending.request.prompt_ids)
+        cache = kv.new_cache()
+        cache.layers = [kv.BufferLayer() for _ in state.keys]
+        for layer, keys, values in zip(cache.layers, state.keys, state.values):
+            layer.set(keys.to(self.device), values.to(self.device), keys.shape[-2])
+        return _Prefill(prompt, [pending.request.adapter], [pending], cache, len(prompt),
+                        state.logits.to(self.device).float()[None])
 
     def _prefill_for(self, pending: _Pending) -> _Prefill:
         """The not yet started prefill of this prompt (adapters added as needed), else a new one."""

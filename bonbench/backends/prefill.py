@@ -10,6 +10,12 @@ when enabled.
 
 Only caches whose layers are plain ``DynamicLayer`` (full attention) can be laid side by side; for
 any other (sliding windows, quantised caches) the batch falls back to one padded pass.
+
+A trainer samples answers to a prompt under its policy and then runs the same prompt under the same
+weights again, with gradients, to score them. ``prompt_states`` runs each prompt once, with
+gradients, and keeps what that pass leaves (``PromptState``): the sampling engine continues a
+detached view of it (``SampleRequest.prefix``) and ``prefill(known=...)`` reads it for the gradient
+pass, so the prompt costs one forward pass a step instead of two.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,35 +86,93 @@ def _padded(model, prompts: Sequence[Sequence[int]], adapters: list[str] | None,
     return Prefilled(out.logits[:, -1, :], _returned_cache(out), mask)
 
 
-def prefill(model, prompts: Sequence[Sequence[int]], pad_id: int, adapters: Sequence[str] | None = None) -> Prefilled:
+@dataclass(frozen=True)
+class PromptState:
+    """One prompt run through the model as one row: what continues it, per layer, and the logits after it.
+    A trainer computes it once, with gradients, and both its sampler (``SampleRequest.prefix``,
+    detached) and its teacher-forced pass (``prefill``'s ``known``) read it instead of running the
+    prompt again. Never written in place: everyone who continues it copies."""
+
+    logits: torch.Tensor  # (V,): next-token logits after the prompt
+    keys: tuple[torch.Tensor, ...]  # per layer, (1, kv_heads, P, head_dim)
+    values: tuple[torch.Tensor, ...]
+
+    def detached(self) -> "PromptState":
+        return PromptState(self.logits.detach(), tuple(k.detach() for k in self.keys),
+                           tuple(v.detach() for v in self.values))
+
+
+def prompt_states(model, prompts: Sequence[Sequence[int]]) -> dict[tuple[int, ...], PromptState] | None:
+    """Each distinct prompt run once, unpadded, as the model stands (its active adapter, gradients if
+    enabled); None for a model whose cache is not plain full attention (``prefill`` pads those)."""
+    from transformers.cache_utils import DynamicLayer
+
+    device = next(model.parameters()).device
+    states = {}
+    for prompt in dict.fromkeys(tuple(p) for p in prompts):
+        out = model(input_ids=torch.tensor([list(prompt)], device=device), use_cache=True, logits_to_keep=1)
+        cache = _returned_cache(out)
+        if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
+            return None
+        states[prompt] = PromptState(out.logits[0, -1], tuple(layer.keys for layer in cache.layers),
+                                     tuple(layer.values for layer in cache.layers))
+    return states
+
+
+def prefill(model, prompts: Sequence[Sequence[int]], pad_id: int, adapters: Sequence[str] | None = None,
+            known: Mapping[tuple[int, ...], PromptState] | None = None) -> Prefilled:
     """Prefill ``prompts`` (row ``s`` under PEFT adapter ``adapters[s]`` if given), one pass per
-    distinct prompt; rows keep their input order."""
+    distinct prompt; rows keep their input order. Without adapters, prompts in ``known`` are read
+    from there instead of run (``prompt_states`` of the same model, as it stands)."""
     from transformers.cache_utils import DynamicLayer
 
     device = next(model.parameters()).device
     adapters = list(adapters) if adapters is not None else None
+    known = known if known is not None and adapters is None else {}
     groups: dict[tuple[int, ...], list[int]] = {}
     for s, p in enumerate(prompts):
         groups.setdefault(tuple(p), []).append(s)
-    if len(groups) == 1:
+    if len(groups) == 1 and not known:
         return _padded(model, prompts, adapters, pad_id, device)  # nothing to pad
     width = max(len(p) for p in groups)
-    caches, logits, rows = [], [], []
+    parts, logits, rows = [], [], []  # parts: (left padding, per-layer keys, per-layer values)
     for prompt, members in groups.items():
-        ids = torch.tensor([list(prompt)] * len(members), dtype=torch.long, device=device)
-        out = forward_with_adapters(model, [adapters[s] for s in members] if adapters is not None else None,
-                                    input_ids=ids, use_cache=True, logits_to_keep=1)
-        cache = _returned_cache(out)
-        if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
-            return _padded(model, prompts, adapters, pad_id, device)
-        caches.append((width - len(prompt), cache))
-        logits.append(out.logits[:, -1, :])
+        if prompt in known:
+            state = known[prompt]
+            keys, values, last = state.keys, state.values, state.logits[None]
+            if len(members) > 1:
+                keys, values = [k.expand(len(members), *k.shape[1:]) for k in keys], \
+                    [v.expand(len(members), *v.shape[1:]) for v in values]
+                last = last.expand(len(members), -1)
+        else:
+            ids = torch.tensor([list(prompt)] * len(members), dtype=torch.long, device=device)
+            out = forward_with_adapters(model, [adapters[s] for s in members] if adapters is not None else None,
+                                        input_ids=ids, use_cache=True, logits_to_keep=1)
+            cache = _returned_cache(out)
+            if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
+                return _padded(model, prompts, adapters, pad_id, device)
+            keys, values = [la.keys for la in cache.layers], [la.values for la in cache.layers]
+            last = out.logits[:, -1, :]
+        parts.append((width - len(prompt), keys, values))
+        logits.append(last)
         rows.extend(members)
     order = torch.argsort(torch.tensor(rows, device=device))  # back to input order
-    cache = caches[-1][1]  # reused as the container of the laid-together tensors
-    for i, layer in enumerate(cache.layers):
-        layer.keys = torch.cat([F.pad(c.layers[i].keys, (0, 0, left, 0)) for left, c in caches])[order]
-        layer.values = torch.cat([F.pad(c.layers[i].values, (0, 0, left, 0)) for left, c in caches])[order]
+    layers = [(torch.cat([F.pad(k[i], (0, 0, left, 0)) for left, k, _ in parts])[order],
+               torch.cat([F.pad(v[i], (0, 0, left, 0)) for left, _, v in parts])[order])
+              for i in range(len(parts[0][1]))]
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     mask = (torch.arange(width, device=device) >= width - lengths[:, None]).long()
-    return Prefilled(torch.cat(logits)[order], cache, mask)
+    return Prefilled(torch.cat(logits)[order], _cache_of(layers), mask)
+
+
+def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A ``DynamicCache`` holding these (keys, values) per layer as they are (its constructor copies them)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    cache = DynamicCache()
+    for keys, values in layers:
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache

@@ -11,12 +11,15 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from bonbench.backends.base import Candidate, PartialScorer, SamplingParams
 from bonbench.seeds import derive_seed
+
+if TYPE_CHECKING:
+    from bonbench.backends.prefill import PromptState
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 
@@ -30,6 +33,9 @@ class SampleRequest:
     score_with: tuple[str, ...] = ()  # adapters that also score each candidate (Candidate.logprob_under)
     # params.early_rejection's scorer: the partial texts of this request's running candidates -> a score each
     score_partial: PartialScorer | None = None
+    # the prompt already run under ``adapter`` (bonbench.backends.prefill.prompt_states): the engine
+    # continues it instead of prefilling; only without ``score_with``, whose adapters need their own
+    prefix: PromptState | None = None
 
 
 SCORE = SamplingParams()  # shadow rows read the model's own distribution: temperature 1, top_p 1

@@ -161,3 +161,29 @@ def test_gradient_through_a_shared_prompt_equals_separate_passes(tiny):
     for a, b in zip(shared, separate):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
     model.zero_grad()
+
+
+def test_prompt_states_give_the_same_log_probs_and_gradients_as_running_the_prompts(tiny):
+    """The gradient pass may read each prompt from one earlier pass with gradients (a trainer's sampler
+    continued it too): the same log-probs, and the same gradients through the prompts' keys and values."""
+    from bonbench.backends.prefill import prompt_states
+
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer, 3)
+    g = torch.Generator().manual_seed(2)
+    flat = [prompts[i] for i in (0, 1, 1, 2, 0)]  # prompts shared by several answers
+    answers = [torch.randint(0, len(tokenizer), (n,), generator=g).tolist() for n in (3, 6, 1, 4, 5)]
+    weight = model.model.layers[0].self_attn.k_proj.weight  # its gradient comes through the prompts' keys too
+    grads = []
+    for use_states in (False, True):
+        model.zero_grad()
+        weight.requires_grad_(True)
+        states = prompt_states(model, flat) if use_states else None
+        lp = sequence_logprobs(model, tokenizer, flat, answers, batch_size=3, states=states)
+        (lp * torch.arange(1.0, 6.0)).sum().backward()
+        grads.append((lp.detach(), weight.grad.clone()))
+        weight.requires_grad_(False)
+    model.zero_grad()
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-4, rtol=0)
+    assert grads[0][1].abs().sum() > 0
+    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-5, rtol=1e-4)

@@ -110,3 +110,34 @@ def test_a_role_the_run_lacks_is_refused(tiny_model_path, tmp_path):
     with build_context(cfg, Rloo(cfg)) as ctx:
         with pytest.raises(ValueError, match="no anchor"):
             ctx.sample("policy", _batch(ctx), n=1, seed=0, score_under=("anchor",))
+
+
+@pytest.mark.parametrize("top_layers", [0, 1], ids=["lora-all", "lora-top"])
+def test_the_engine_continues_the_trainers_prompt_pass_where_a_draw_has_no_shadow_rows(tiny_model_path, tmp_path,
+                                                                                       top_layers):
+    """RLOO runs each prompt once under the policy, with gradients, for its gradient pass; with LoRA on
+    every layer the engine continues that pass instead of prefilling (same draws), while shadow rows
+    (LoRA over a frozen trunk) need the prompt under the reference too, so the engine prefills."""
+    cfg = _config(tiny_model_path, tmp_path, lora_top_layers=top_layers)
+    with build_context(cfg, JBond(cfg)) as ctx:
+        with torch.no_grad():
+            for policy, _ in ctx.policies._adapter_pairs():
+                policy.add_(0.3 * torch.randn_like(policy))
+        ctx.weights_changed()
+        batch = _batch(ctx)
+        draw = Draw("policy", 2, 5, score_under=("ref",))
+        widths = []
+        embed = ctx.policies.model.get_input_embeddings()
+        handle = embed.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[-1]))
+        try:
+            plain = ctx.generator.generate(batch.ids, [draw], cfg.max_tokens)[0]
+            prefilled = max(widths)
+            widths.clear()
+            states = ctx.policies.prompt_states("policy", batch.ids, grad=True)
+            widths.clear()
+            given = ctx.generator.generate(batch.ids, [draw], cfg.max_tokens, {"policy": states})[0]
+        finally:
+            handle.remove()
+        assert prefilled == max(map(len, batch.ids))
+        assert max(widths) == (1 if top_layers == 0 else prefilled)  # decoding steps only, or prefills too
+        assert [[c.token_ids for c in row] for row in given] == [[c.token_ids for c in row] for row in plain]

@@ -21,8 +21,8 @@ def _run(tiny_model_path, tmp_path, name, cache, **kw):
     with build_context(cfg, Bond(cfg)) as ctx:
         calls = []
         generate = ctx.generator.generate
-        ctx.generator.generate = lambda prompts, draws, max_tokens: (
-            calls.extend(d.role for d in draws) or generate(prompts, draws, max_tokens))
+        ctx.generator.generate = lambda prompts, draws, max_tokens, prefixes=None: (
+            calls.extend(d.role for d in draws) or generate(prompts, draws, max_tokens, prefixes))
         out = train(cfg, Bond(cfg), ctx)
         return out, calls, ctx.reference_cache
 

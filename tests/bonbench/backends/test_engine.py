@@ -5,6 +5,7 @@ it changes a seeded request's tokens. Progress is counted in engine steps, never
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bonbench.backends.base import PromptTooLong, SamplingParams
 from bonbench.backends.engine import Engine
@@ -65,6 +66,34 @@ def test_a_request_that_joins_a_running_batch_mid_way_draws_the_tokens_it_draws_
     assert [c.token_ids for c in engine.done["late"]] == alone(lm, req(lm, long_prompt, **late))
     assert [c.token_ids for c in engine.done["early"]] == alone(lm, req(lm, "The quick brown fox", **early))
     assert [c.token_ids for c in engine.done["greedy"]] == alone(lm, req(lm, "Hi", max_tokens=6, temperature=0))
+
+
+def test_a_request_whose_prompt_was_run_before_draws_what_prefilling_it_draws(lm):
+    """A trainer runs each prompt once, with gradients, and hands the engine that pass (``prefix``):
+    the engine continues it, spending no prefill, and the seeded rows draw the same tokens."""
+    from bonbench.backends.prefill import prompt_states
+
+    model, tokenizer, eos = lm
+    requests = [req(lm, text, n=3, max_tokens=8, seed=s) for s, text in enumerate(["A long river", "Hi"])]
+    plain = sample(model, tokenizer, requests, eos)
+    with torch.inference_mode():
+        states = prompt_states(model, [r.prompt_ids for r in requests])
+    given = [SampleRequest(r.prompt_ids, r.params, prefix=states[tuple(r.prompt_ids)]) for r in requests]
+    engine = Engine(model, tokenizer, eos)
+    recorder = Recorder(engine)
+    for name, request in enumerate(given):
+        recorder.add(name, request)
+    recorder.step()  # one step: both requests join and draw their first token, no prefill to wait for
+    assert all(len(row.token_ids) == 1 for row in engine._rows) and len(engine._rows) == 6
+    while not engine.idle:
+        recorder.step()
+    for name, candidates in enumerate(plain):
+        assert [c.token_ids for c in recorder.done[name]] == [c.token_ids for c in candidates]
+        for mine, theirs in zip(recorder.done[name], candidates):
+            assert mine.logprob == pytest.approx(theirs.logprob, abs=1e-4)
+    with pytest.raises(ValueError, match="another prompt's"):
+        engine.add(SampleRequest(requests[1].prompt_ids, requests[1].params, prefix=states[tuple(requests[0].prompt_ids)]),
+                   lambda c: None)
 
 
 def test_a_short_request_arriving_while_a_long_batch_decodes_finishes_long_before_it(lm):

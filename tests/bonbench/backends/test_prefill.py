@@ -66,3 +66,27 @@ def test_the_kv_cache_goes_under_the_keyword_the_wrapped_model_takes(tiny_model_
                                  position_ids=torch.tensor([[3]]), use_cache=True)
     whole = wrapped(input_ids=torch.tensor([[5, 6, 7, 8]])).logits[:, -1]
     torch.testing.assert_close(step.logits[:, -1], whole, atol=1e-5, rtol=0)  # the cache was used
+
+
+@torch.inference_mode()
+def test_prefill_reads_known_prompt_states_as_if_it_ran_them(tiny_model_path):
+    from bonbench.backends.prefill import prompt_states
+
+    model, _ = load_causal_lm(tiny_model_path)
+    g = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randint(5, 1000, (n,), generator=g).tolist() for n in (4, 15, 8))
+    prompts = [b, a, c, a]
+    states = prompt_states(model, [a, c])  # b is not known: prefill runs it
+    assert set(states) == {tuple(a), tuple(c)} and states[tuple(c)].keys[0].shape[-2] == 8
+    read = prefill(model, prompts, pad_id=0, known=states)
+    ran = prefill(model, prompts, pad_id=0)
+    assert read.mask.tolist() == ran.mask.tolist()
+    torch.testing.assert_close(read.logits, ran.logits, atol=1e-5, rtol=0)
+    for mine, theirs in zip(read.cache.layers, ran.cache.layers):
+        torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(mine.values, theirs.values, atol=1e-5, rtol=0)
+    tokens = torch.randint(5, 1000, (2, 4), generator=g)
+    torch.testing.assert_close(_decode_two(model, read, tokens), _decode_two(model, ran, tokens), atol=1e-4, rtol=0)
+    before = states[tuple(a)].keys[0].clone()
+    prefill(model, [a, a], pad_id=0, known=states)  # one prompt twice: read, never written
+    torch.testing.assert_close(states[tuple(a)].keys[0], before, atol=0, rtol=0)
