@@ -74,12 +74,14 @@ class JBond:
 
     def loss(self, ctx: Context, batch: Batch, seed: int) -> LossOutput:
         p, k = len(batch.ids), self.cfg.anchor_samples
-        # Each prompt runs once under the policy, with gradients, for the gradient pass below; the engine
-        # continues it too where the policy's draw has no shadow rows (LoRA on every layer).
+        # Each prompt runs once under the policy, with gradients, and once under the anchor (its frozen
+        # trunk read from the policy's pass): the engine continues both instead of prefilling, and the
+        # gradient pass below reads the policy's.
         states = ctx.policies.prompt_states("policy", batch.ids, grad=True)
+        prefixes = {"policy": states, "anchor": ctx.policies.prompt_states("anchor", batch.ids, trunk_from=states)}
         # One batch for both roles; log pi_anchor(y) comes from a shadow row while y is drawn.
         ys, anchors = ctx.sample_together(batch, [Draw("policy", 1, derive_seed(seed, 0), score_under=("anchor",)),
-                                                  Draw("anchor", k, derive_seed(seed, 1))], {"policy": states})
+                                                  Draw("anchor", k, derive_seed(seed, 1))], prefixes)
         ys = [row[0] for row in ys]
         texts = [c.text for c in ys] + [c.text for row in anchors for c in row]
         rewards = ctx.score(batch.messages + [m for m in batch.messages for _ in range(k)], texts)

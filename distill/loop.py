@@ -105,7 +105,8 @@ class Context:
             for role in d.score_under:
                 todo = [(p, c) for p, c in flat if role not in c.logprob_under]
                 if todo:  # the roles the engine did not score itself
-                    scores = self.policies.logprobs(role, [p for p, _ in todo], [c.token_ids for _, c in todo])
+                    scores = self.policies.logprobs(role, [p for p, _ in todo], [c.token_ids for _, c in todo],
+                                                    states=(prefixes or {}).get(role))
                     for (_, c), v in zip(todo, scores.tolist()):
                         c.logprob_under[role] = v
         for k in drawn:

@@ -125,16 +125,19 @@ class Policies:
         self.timings["logprob_s"] = self.timings.get("logprob_s", 0.0) + time.perf_counter() - started
         return out
 
-    def prompt_states(self, role: Role, prompts: list[list[int]], *, grad: bool = False
+    def prompt_states(self, role: Role, prompts: list[list[int]], *, grad: bool = False,
+                      trunk_from: Mapping[tuple[int, ...], PromptState] | None = None
                       ) -> dict[tuple[int, ...], PromptState]:
         """Each distinct prompt run once under the role (``bonbench.backends.prefill.prompt_states``):
         for ``logprobs`` with the same ``grad``, and, detached, for the generator to continue instead of
-        prefilling. Empty for a model whose cache cannot be laid side by side."""
+        prefilling. ``trunk_from``: another role's states of the same prompts, whose frozen trunk (LoRA
+        on the top layers) this pass reads instead of running. Empty for a model whose cache cannot be
+        laid side by side."""
         started = time.perf_counter()
         with self._role(role) as model, torch.set_grad_enabled(grad):
             if grad and role == "policy":
                 model = self.train_model
-            states = prompt_states(model, prompts) or {}
+            states = prompt_states(model, prompts, trunk_from if self.lora else None) or {}
         self.timings["prompt_s"] = self.timings.get("prompt_s", 0.0) + time.perf_counter() - started
         return states
 

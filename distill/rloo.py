@@ -43,10 +43,12 @@ class Rloo:
         p, s = len(batch.ids), self.cfg.samples
         # log pi_ref(y): a shadow row per sample as y is drawn where LoRA sits over a frozen trunk, else the
         # loop's teacher-forced pass (distill.transformers_generation.shadow_rows_pay).
-        # Each prompt runs once under the policy, with gradients: the engine continues it where it can
-        # (no shadow rows) and the gradient pass reads it, where each would otherwise run it again.
+        # Each prompt runs once under the policy, with gradients, and once under the reference (its
+        # frozen trunk read from the policy's pass): the engine continues both instead of prefilling,
+        # and the gradient pass and the reference's scores read them.
         states = ctx.policies.prompt_states("policy", batch.ids, grad=True)
-        ys = ctx.sample("policy", batch, s, seed, score_under=("ref",), prefixes={"policy": states})
+        prefixes = {"policy": states, "ref": ctx.policies.prompt_states("ref", batch.ids, trunk_from=states)}
+        ys = ctx.sample("policy", batch, s, seed, score_under=("ref",), prefixes=prefixes)
         flat_ids = [batch.ids[i] for i in range(p) for _ in range(s)]
         y_ids = [c.token_ids for row in ys for c in row]
         rewards = ctx.score([m for m in batch.messages for _ in range(s)], [c.text for row in ys for c in row])

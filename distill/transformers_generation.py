@@ -6,9 +6,10 @@ adapter-free reference on one base) run as one mixed-adapter batch: each decodin
 weights once for every role. A ``score_under`` role in the same module is scored by a shadow row per
 candidate where the module has a frozen trunk (LoRA on the top layers, distill's default), and by
 the caller's teacher-forced pass otherwise (``shadow_rows_pay``). Full fine-tuning has one module
-per role, so each role samples on its own and the caller scores ``score_under``. A draw without
-shadow rows continues the trainer's own pass over its prompts (``prefixes``) instead of prefilling
-them: with LoRA on every layer, RLOO's sampling then costs its decoding alone.
+per role, so each role samples on its own and the caller scores ``score_under``. A draw continues
+the trainer's own pass over its prompts (``prefixes``, one per role) instead of prefilling them
+where that pass covers the draw's role and its shadow rows' roles: a step's sampling then costs
+its decoding alone.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ class TransformersGenerator:
 
     def generate(self, prompts: Sequence[list[int]], draws: Sequence[Draw], max_tokens: int,
                  prefixes: Prefixes | None = None) -> list[list[list[Candidate]]]:
-        """See ``distill.generation.Generator.generate``. A draw without shadow rows continues the
-        ``prefixes`` of its role (the trainer's prompt pass, which its gradient pass reads too)."""
+        """See ``distill.generation.Generator.generate``. A draw continues the trainer's prompt pass
+        (``prefixes``; the gradient pass reads it too) where it covers the draw's role and its shadow
+        rows' roles."""
         check_draws(draws, self._modules or (), self.closed)
         out: list[list[list[Candidate]] | None] = [None] * len(draws)
         by_module: dict[int, list[int]] = {}
@@ -74,18 +76,17 @@ class TransformersGenerator:
                   prefixes: Prefixes) -> list[SampleRequest]:
         module, adapter = self._modules[d.role]
         # Shadow rows score under another adapter of the same module; other roles are the caller's.
-        shadows: tuple[str, ...] = ()
+        shadow_roles: list[Role] = []
         if adapter is not None and shadow_rows_pay(module):
-            shadows = tuple(self._modules[r][1] for r in d.score_under
-                            if r != d.role and self._modules[r][0] is module)
-        known = prefixes.get(d.role, {}) if not shadows else {}
+            shadow_roles = [r for r in d.score_under if r != d.role and self._modules[r][0] is module]
+        role_of = {adapter: d.role, **{self._modules[r][1]: r for r in shadow_roles}}  # the request's adapters
         requests = []
         for i, p in enumerate(prompts):
-            state = known.get(tuple(p))
+            known = [prefixes.get(r, {}).get(tuple(p)) for r in role_of.values()]
+            prefix = None if None in known else {a: s.detached() for a, s in zip(role_of, known)}
             requests.append(SampleRequest(list(p), SamplingParams(n=d.n, max_tokens=max_tokens,
                                                                   seed=derive_seed(d.seed, i)),
-                                          adapter=adapter, score_with=shadows,
-                                          prefix=state.detached() if state is not None else None))
+                                          adapter=adapter, score_with=tuple(role_of)[1:], prefix=prefix))
         return requests
 
     def _name_scores(self, d: Draw, rows: list[list[Candidate]]) -> None:

@@ -9,8 +9,8 @@ An ``Engine`` holds one decoding batch. Each ``step()``
    chunk, not by its whole prompt. A prompt is prefilled once per distinct (prompt, adapter),
    unpadded, and its keys and values are copied to its rows when they join; the layers below the
    lowest LoRA adapter run once per prompt, whatever the adapters (``bonbench.backends.trunk``). A
-   request that brings its prompt already run (``SampleRequest.prefix``: a trainer's gradient pass
-   over the same prompt) joins at once, without prefill;
+   request that brings its prompt already run under each of its rows' adapters
+   (``SampleRequest.prefix``: a trainer's prompt pass) joins at once, without prefill;
 3. draws one token for every row; pauses to score the requests whose candidates just reached an
    early-rejection checkpoint, and stops the losers (below); lets finished, rejected and cancelled
    rows leave, hands back each request whose rows are all finished, and runs one decoding forward
@@ -120,11 +120,13 @@ class Engine:
         if not self.adapters and (request.adapter is not None or request.score_with):
             raise ValueError("this engine runs the model as is: build it with adapters=True to name adapters")
         if request.prefix is not None:
-            if request.score_with:
-                raise ValueError("a request with shadow rows (score_with) is prefilled under every adapter: no prefix")
-            if request.prefix.keys[0].shape[-2] != len(request.prompt_ids):
-                raise ValueError(f"the prefix holds {request.prefix.keys[0].shape[-2]} tokens, the prompt "
-                                 f"{len(request.prompt_ids)}: it is another prompt's")
+            missing = [a for a in (request.adapter, *request.score_with) if a not in request.prefix]
+            if missing:
+                raise ValueError(f"the prefix has no state under adapter {missing[0]!r}, which this request's rows run under")
+            for state in request.prefix.values():
+                if state.keys[0].shape[-2] != len(request.prompt_ids):
+                    raise ValueError(f"the prefix holds {state.keys[0].shape[-2]} tokens, the prompt "
+                                     f"{len(request.prompt_ids)}: it is another prompt's")
         if request.params.early_rejection is not None:
             if request.score_with:
                 raise ValueError("early rejection stops candidates mid-way; it cannot run with score_with "
@@ -185,14 +187,19 @@ class Engine:
                 self._prefill_for(pending).members.append(pending)
 
     def _prefilled(self, pending: _Pending) -> _Prefill:
-        """A request whose prompt was run before (``SampleRequest.prefix``) as a finished prefill."""
-        state, prompt = pending.request.prefix, tuple(pending.request.prompt_ids)
+        """A request whose prompt was run before (``SampleRequest.prefix``) as a finished prefill, a
+        cache row per adapter its rows run under."""
+        adapters = list(dict.fromkeys(row.adapter for row in pending.rows))
+        states = [pending.request.prefix[a] for a in adapters]
         cache = kv.new_cache()
-        cache.layers = [kv.BufferLayer() for _ in state.keys]
-        for layer, keys, values in zip(cache.layers, state.keys, state.values):
-            layer.set(keys.to(self.device), values.to(self.device), keys.shape[-2])
-        return _Prefill(prompt, [pending.request.adapter], [pending], cache, len(prompt),
-                        state.logits.to(self.device).float()[None])
+        cache.layers = [kv.BufferLayer() for _ in states[0].keys]
+        for i, layer in enumerate(cache.layers):
+            keys = torch.cat([s.keys[i] for s in states]).to(self.device)
+            values = torch.cat([s.values[i] for s in states]).to(self.device)
+            layer.set(keys, values, keys.shape[-2])
+        logits = torch.stack([s.logits for s in states]).to(self.device).float()
+        return _Prefill(tuple(pending.request.prompt_ids), adapters, [pending], cache, len(pending.request.prompt_ids),
+                        logits)
 
     def _prefill_for(self, pending: _Pending) -> _Prefill:
         """The not yet started prefill of this prompt (adapters added as needed), else a new one."""

@@ -15,11 +15,14 @@ A trainer samples answers to a prompt under its policy and then runs the same pr
 weights again, with gradients, to score them. ``prompt_states`` runs each prompt once, with
 gradients, and keeps what that pass leaves (``PromptState``): the sampling engine continues a
 detached view of it (``SampleRequest.prefix``) and ``prefill(known=...)`` reads it for the gradient
-pass, so the prompt costs one forward pass a step instead of two.
+pass, so the prompt costs one forward pass a step instead of two. The other roles the sampler needs
+(the anchor, the reference) are run the same way, without gradients, each reading the frozen trunk
+below the LoRA layers from the policy's pass (``trunk_from``) instead of running it again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from bonbench.backends.lora_stack import stacked_adapters
+from bonbench.backends.trunk import replayed_trunk, trunk_output
 
 
 @dataclass
@@ -96,26 +100,34 @@ class PromptState:
     logits: torch.Tensor  # (V,): next-token logits after the prompt
     keys: tuple[torch.Tensor, ...]  # per layer, (1, kv_heads, P, head_dim)
     values: tuple[torch.Tensor, ...]
+    trunk_output: torch.Tensor | None = None  # (1, P, hidden): what the frozen trunk hands the first adapted layer
 
     def detached(self) -> "PromptState":
         return PromptState(self.logits.detach(), tuple(k.detach() for k in self.keys),
-                           tuple(v.detach() for v in self.values))
+                           tuple(v.detach() for v in self.values), self.trunk_output)
 
 
-def prompt_states(model, prompts: Sequence[Sequence[int]]) -> dict[tuple[int, ...], PromptState] | None:
+def prompt_states(model, prompts: Sequence[Sequence[int]], trunk_from: Mapping[tuple[int, ...], PromptState] | None = None
+                  ) -> dict[tuple[int, ...], PromptState] | None:
     """Each distinct prompt run once, unpadded, as the model stands (its active adapter, gradients if
-    enabled); None for a model whose cache is not plain full attention (``prefill`` pads those)."""
+    enabled); None for a model whose cache is not plain full attention (``prefill`` pads those).
+    Prompts in ``trunk_from`` (states of the same model under another adapter) take the frozen
+    trunk's part from there instead of running it (``bonbench.backends.trunk.replayed_trunk``)."""
     from transformers.cache_utils import DynamicLayer
 
     device = next(model.parameters()).device
     states = {}
     for prompt in dict.fromkeys(tuple(p) for p in prompts):
-        out = model(input_ids=torch.tensor([list(prompt)], device=device), use_cache=True, logits_to_keep=1)
+        earlier = (trunk_from or {}).get(prompt)
+        replay = contextlib.nullcontext() if earlier is None or earlier.trunk_output is None else \
+            replayed_trunk(model, earlier.keys, earlier.values, earlier.trunk_output)
+        with replay, trunk_output(model) as handed_on:
+            out = model(input_ids=torch.tensor([list(prompt)], device=device), use_cache=True, logits_to_keep=1)
         cache = _returned_cache(out)
         if any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
             return None
         states[prompt] = PromptState(out.logits[0, -1], tuple(layer.keys for layer in cache.layers),
-                                     tuple(layer.values for layer in cache.layers))
+                                     tuple(layer.values for layer in cache.layers), handed_on[0] if handed_on else None)
     return states
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 
@@ -33,9 +33,9 @@ class SampleRequest:
     score_with: tuple[str, ...] = ()  # adapters that also score each candidate (Candidate.logprob_under)
     # params.early_rejection's scorer: the partial texts of this request's running candidates -> a score each
     score_partial: PartialScorer | None = None
-    # the prompt already run under ``adapter`` (bonbench.backends.prefill.prompt_states): the engine
-    # continues it instead of prefilling; only without ``score_with``, whose adapters need their own
-    prefix: PromptState | None = None
+    # the prompt already run (bonbench.backends.prefill.prompt_states) under ``adapter`` and each of
+    # ``score_with``: the engine continues those instead of prefilling
+    prefix: Mapping[str | None, PromptState] | None = None
 
 
 SCORE = SamplingParams()  # shadow rows read the model's own distribution: temperature 1, top_p 1

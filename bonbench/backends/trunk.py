@@ -69,3 +69,63 @@ def widen_cache(cache, rows: int) -> None:
         if layer.keys.shape[0] == 1 and rows > 1:
             layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
             layer.values = layer.values.expand(rows, *layer.values.shape[1:])
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for a trunk layer whose outputs are known: writes the layer's keys and values into the
+    pass's cache and hands on the hidden state (the trunk's output, after its last layer)."""
+
+    def __init__(self, layer: torch.nn.Module, index: int, keys: torch.Tensor, values: torch.Tensor,
+                 output: torch.Tensor | None):
+        super().__init__()
+        self.layer, self.index, self.keys, self.values, self.output = layer, index, keys, values, output
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # attributes a model reads off its layers (attention type, index)
+            return getattr(self.layer, name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            cache.update(self.keys, self.values, self.index)
+        return self.output if self.output is not None else hidden_states
+
+
+@contextlib.contextmanager
+def replayed_trunk(model: torch.nn.Module, keys, values, output: torch.Tensor) -> Iterator[None]:
+    """Inside the block, a forward pass of ``model`` over one prompt does not run the layers below the
+    first adapted one: it takes their keys and values (``keys[i]``, ``values[i]`` for layer ``i``) and
+    the hidden state they pass on (``output``) from an earlier pass over the same prompt, under any
+    adapter, since those layers hold none."""
+    first = first_adapted_layer(model)
+    layers = decoder_layers(model)
+    originals = [layers[i] for i in range(first)]
+    for i in range(first):
+        layers[i] = _Replay(originals[i], i, keys[i], values[i], output if i == first - 1 else None)
+    try:
+        yield
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+@contextlib.contextmanager
+def trunk_output(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Inside the block, each forward pass appends to the yielded list the hidden state the frozen trunk
+    hands the first adapted layer (detached); nothing for a model without a trunk."""
+    seen: list[torch.Tensor] = []
+    first = first_adapted_layer(model)
+    if first <= 0:
+        yield seen
+        return
+
+    def record(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    handle = decoder_layers(model)[first].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()

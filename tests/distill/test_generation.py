@@ -112,12 +112,15 @@ def test_a_role_the_run_lacks_is_refused(tiny_model_path, tmp_path):
             ctx.sample("policy", _batch(ctx), n=1, seed=0, score_under=("anchor",))
 
 
-@pytest.mark.parametrize("top_layers", [0, 1], ids=["lora-all", "lora-top"])
-def test_the_engine_continues_the_trainers_prompt_pass_where_a_draw_has_no_shadow_rows(tiny_model_path, tmp_path,
-                                                                                       top_layers):
-    """RLOO runs each prompt once under the policy, with gradients, for its gradient pass; with LoRA on
-    every layer the engine continues that pass instead of prefilling (same draws), while shadow rows
-    (LoRA over a frozen trunk) need the prompt under the reference too, so the engine prefills."""
+@pytest.mark.parametrize("top_layers, given, prefills", [(0, ("policy",), False), (1, ("policy",), True),
+                                                        (1, ("policy", "ref"), False)],
+                         ids=["lora-all", "lora-top-policy-only", "lora-top"])
+def test_the_engine_continues_the_trainers_prompt_pass_where_it_covers_every_row(tiny_model_path, tmp_path,
+                                                                               top_layers, given, prefills):
+    """RLOO runs each prompt once under the policy, with gradients, and once under the reference (its
+    trunk replayed); the engine continues those passes instead of prefilling (same draws) where they
+    cover every row of the draw: the policy's rows, and the shadow rows under the reference that LoRA
+    over a frozen trunk adds."""
     cfg = _config(tiny_model_path, tmp_path, lora_top_layers=top_layers)
     with build_context(cfg, JBond(cfg)) as ctx:
         with torch.no_grad():
@@ -132,12 +135,15 @@ def test_the_engine_continues_the_trainers_prompt_pass_where_a_draw_has_no_shado
         try:
             plain = ctx.generator.generate(batch.ids, [draw], cfg.max_tokens)[0]
             prefilled = max(widths)
-            widths.clear()
             states = ctx.policies.prompt_states("policy", batch.ids, grad=True)
+            prefixes = {"policy": states, "ref": ctx.policies.prompt_states("ref", batch.ids, trunk_from=states)}
             widths.clear()
-            given = ctx.generator.generate(batch.ids, [draw], cfg.max_tokens, {"policy": states})[0]
+            given_rows = ctx.generator.generate(batch.ids, [draw], cfg.max_tokens, {r: prefixes[r] for r in given})[0]
         finally:
             handle.remove()
         assert prefilled == max(map(len, batch.ids))
-        assert max(widths) == (1 if top_layers == 0 else prefilled)  # decoding steps only, or prefills too
-        assert [[c.token_ids for c in row] for row in given] == [[c.token_ids for c in row] for row in plain]
+        assert max(widths) == (prefilled if prefills else 1)  # prefills too, or decoding steps only
+        assert [[c.token_ids for c in row] for row in given_rows] == [[c.token_ids for c in row] for row in plain]
+        if top_layers:
+            assert [c.logprob_under["ref"] for row in given_rows for c in row] == pytest.approx(
+                [c.logprob_under["ref"] for row in plain for c in row], abs=1e-4)

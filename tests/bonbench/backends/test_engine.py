@@ -78,7 +78,8 @@ def test_a_request_whose_prompt_was_run_before_draws_what_prefilling_it_draws(lm
     plain = sample(model, tokenizer, requests, eos)
     with torch.inference_mode():
         states = prompt_states(model, [r.prompt_ids for r in requests])
-    given = [SampleRequest(r.prompt_ids, r.params, prefix=states[tuple(r.prompt_ids)]) for r in requests]
+    given = [SampleRequest(r.prompt_ids, r.params, prefix={None: states[tuple(r.prompt_ids)]})
+             for r in requests]
     engine = Engine(model, tokenizer, eos)
     recorder = Recorder(engine)
     for name, request in enumerate(given):
@@ -92,7 +93,7 @@ def test_a_request_whose_prompt_was_run_before_draws_what_prefilling_it_draws(lm
         for mine, theirs in zip(recorder.done[name], candidates):
             assert mine.logprob == pytest.approx(theirs.logprob, abs=1e-4)
     with pytest.raises(ValueError, match="another prompt's"):
-        engine.add(SampleRequest(requests[1].prompt_ids, requests[1].params, prefix=states[tuple(requests[0].prompt_ids)]),
+        engine.add(SampleRequest(requests[1].prompt_ids, requests[1].params, prefix={None: states[tuple(requests[0].prompt_ids)]}),
                    lambda c: None)
 
 

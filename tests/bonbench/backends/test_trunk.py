@@ -71,3 +71,54 @@ def test_sharing_the_trunk_changes_no_draw_and_runs_the_trunk_once_per_prompt(to
     prompt_tokens = sum(len(p) for p in prompts)
     assert seen_alone[0] - seen_shared[0] == 2 * prompt_tokens
     assert seen_alone[1] == seen_shared[1]  # the adapted layer still runs every adapter's row
+
+
+def test_prompt_states_under_several_adapters_run_the_trunk_once_and_the_engine_continues_them(top_lora):
+    """A trainer's prompt pass: the prompt under adapter 'a' (the trunk runs), then under 'b' and the
+    base with the trunk replayed from 'a''s pass; the same keys, values and logits as running each
+    whole, and the engine continues them for rows under 'a' with shadow rows under 'b', drawing
+    and scoring what it draws and scores after its own prefill."""
+    import torch
+
+    from bonbench.backends.prefill import prompt_states
+
+    model, tokenizer = top_lora
+    prompts = [tokenizer("the cat sat on the mat", add_special_tokens=False)["input_ids"],
+               tokenizer("a much longer prompt about dogs and their owners", add_special_tokens=False)["input_ids"]]
+    layers = decoder_layers(model)
+    seen = []
+    handle = layers[0].input_layernorm.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    states = {}
+    try:
+        with torch.inference_mode():
+            for adapter in ("a", "b"):
+                model.set_adapter(adapter)
+                states[adapter] = prompt_states(model, prompts, trunk_from=states.get("a"))
+            with model.disable_adapter():
+                states[BASE] = prompt_states(model, prompts, trunk_from=states["a"])
+                whole_base = prompt_states(model, prompts)
+            model.set_adapter("b")
+            whole_b = prompt_states(model, prompts)
+    finally:
+        model.set_adapter("a")
+        handle.remove()
+    assert len(seen) == 2 + 2 + 2  # the trunk ran for 'a' and for the two passes run whole, never replayed
+    for replayed, whole in ((states["b"], whole_b), (states[BASE], whole_base)):
+        for p in map(tuple, prompts):
+            torch.testing.assert_close(replayed[p].logits, whole[p].logits, atol=1e-5, rtol=0)
+            for mine, theirs in zip(replayed[p].keys + replayed[p].values, whole[p].keys + whole[p].values):
+                torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+    requests = [SampleRequest(p, SamplingParams(n=2, max_tokens=6, seed=3 + i), adapter="a", score_with=("b",))
+                for i, p in enumerate(prompts)]
+    given = [SampleRequest(r.prompt_ids, r.params, adapter="a", score_with=("b",),
+                           prefix={a: states[a][tuple(r.prompt_ids)] for a in ("a", "b")}) for r in requests]
+    plain, seen_plain = run(model, tokenizer, requests, share=True)
+    continued, seen_continued = run(model, tokenizer, given, share=True)
+    assert [[c.token_ids for c in r] for r in continued] == [[c.token_ids for c in r] for r in plain]
+    assert flat(continued, lambda c: c.logprob_under["b"]) == pytest.approx(flat(plain, lambda c: c.logprob_under["b"]),
+                                                                           abs=1e-4)
+    assert seen_plain[0] - seen_continued[0] == sum(len(p) for p in prompts)  # no prefill through the trunk
+    with pytest.raises(ValueError, match="no state under adapter 'b'"):
+        Engine(model, tokenizer, eos_ids(model, tokenizer), adapters=True).add(
+            SampleRequest(prompts[0], requests[0].params, adapter="a", score_with=("b",),
+                          prefix={"a": states["a"][tuple(prompts[0])]}), lambda c: None)
